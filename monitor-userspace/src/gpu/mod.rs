@@ -1,0 +1,211 @@
+//! GPU sampling: a small interface over NVML and over a simulated GPU driven by a workload.
+//!
+//! A [`GpuSampler`] is polled periodically (every few hundred milliseconds). Each poll returns one
+//! [`GpuReading`] per GPU with the utilization samples that became available since the previous
+//! poll, plus point-in-time gauges (memory, temperature, power, clocks, PCIe, throttling) and the
+//! processes holding a compute context.
+//!
+//! All timestamps are `CLOCK_MONOTONIC` nanoseconds: the clock of `bpf_ktime_get_ns` and of
+//! Python's `time.monotonic_ns()`, so GPU samples line up with the kernel's thread-state events.
+
+use std::collections::HashSet;
+
+pub mod nvml;
+pub mod simulated;
+
+pub use nvml::NvmlSampler;
+pub use simulated::SimulatedGpu;
+
+/// Identity of one GPU.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpuInfo {
+    /// NVML index (or 0 for the simulated GPU).
+    pub index: u32,
+    pub uuid: String,
+    /// Product name, e.g. "NVIDIA H100 80GB HBM3".
+    pub model: String,
+}
+
+/// One utilization sample: the fraction of `[end_ns - period_ns, end_ns)` during which a kernel
+/// ran on the GPU.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct UtilSample {
+    /// End of the sample period, `CLOCK_MONOTONIC` ns.
+    pub end_ns: u64,
+    /// Length of the sample period in ns.
+    pub period_ns: u64,
+    /// Busy fraction in `[0, 1]`.
+    pub util: f64,
+}
+
+impl UtilSample {
+    /// Start of the sample period (`end_ns - period_ns`, saturating at 0).
+    pub fn start_ns(&self) -> u64 {
+        self.end_ns.saturating_sub(self.period_ns)
+    }
+}
+
+/// Everything one poll learned about one GPU. Gauges are `None` when the GPU does not support
+/// them or the query failed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuReading {
+    pub info: GpuInfo,
+    /// Utilization samples new since the previous poll, in time order, contiguous where the
+    /// source allows.
+    pub samples: Vec<UtilSample>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub temperature_c: Option<f64>,
+    pub power_w: Option<f64>,
+    pub sm_clock_mhz: Option<u32>,
+    /// Cumulative PCIe bytes received by the GPU (host to device), an estimate integrated from
+    /// NVML's instantaneous throughput.
+    pub pcie_rx_bytes: Option<u64>,
+    /// Cumulative PCIe bytes sent by the GPU (device to host), estimated likewise.
+    pub pcie_tx_bytes: Option<u64>,
+    /// Every known clock throttle reason and whether it is active now (empty when unsupported).
+    pub throttle_reasons: Vec<(&'static str, bool)>,
+    /// Pids of the processes holding a compute context on this GPU.
+    pub process_pids: Vec<u32>,
+    /// Latest SM utilization per process (pid, fraction in `[0, 1]`), for processes that used
+    /// the GPU since the previous poll.
+    pub process_sm_util: Vec<(u32, f64)>,
+    /// Error text when this GPU failed this poll (its data are missing or partial); the sampler
+    /// keeps retrying on later polls.
+    pub stale: Option<String>,
+}
+
+impl GpuReading {
+    /// A reading with no samples and no gauges.
+    pub fn empty(info: GpuInfo) -> Self {
+        Self {
+            info,
+            samples: Vec::new(),
+            memory_used_bytes: None,
+            memory_total_bytes: None,
+            temperature_c: None,
+            power_w: None,
+            sm_clock_mhz: None,
+            pcie_rx_bytes: None,
+            pcie_tx_bytes: None,
+            throttle_reasons: Vec::new(),
+            process_pids: Vec::new(),
+            process_sm_util: Vec::new(),
+            stale: None,
+        }
+    }
+}
+
+/// A source of GPU readings.
+pub trait GpuSampler: Send {
+    /// `"nvml"` or `"simulated"`.
+    fn source(&self) -> &'static str;
+
+    /// Readings for every sampled GPU. Never fails as a whole: a GPU that errors is returned with
+    /// [`GpuReading::stale`] set.
+    fn poll(&mut self) -> Vec<GpuReading>;
+
+    /// Final poll at the end of a run: like [`poll`](Self::poll), but also returns samples a
+    /// source would normally hold back (e.g. the simulated GPU's safety lag).
+    fn drain(&mut self) -> Vec<GpuReading> {
+        self.poll()
+    }
+}
+
+/// The job's GPUs: indices of the GPUs on which one of `job_pids` holds a compute context,
+/// ascending, without duplicates.
+pub fn job_gpus(readings: &[GpuReading], job_pids: &HashSet<u32>) -> Vec<u32> {
+    let mut gpus: Vec<u32> = readings
+        .iter()
+        .filter(|r| r.process_pids.iter().any(|pid| job_pids.contains(pid)))
+        .map(|r| r.info.index)
+        .collect();
+    gpus.sort_unstable();
+    gpus.dedup();
+    gpus
+}
+
+/// Reads a clock in nanoseconds (0 if the call fails, which it cannot for these clocks).
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; clock_gettime only writes to it.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(ts.tv_nsec as u64)
+}
+
+/// Now, on `CLOCK_MONOTONIC`, in ns.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Now, on `CLOCK_REALTIME`, in ns since the Unix epoch.
+pub fn realtime_ns() -> u64 {
+    clock_ns(libc::CLOCK_REALTIME)
+}
+
+/// `CLOCK_REALTIME - CLOCK_MONOTONIC` in ns, measured now. The monotonic clock is read on both
+/// sides of the realtime read and averaged, so the error is half the (sub-microsecond) gap.
+pub fn realtime_offset_ns() -> i128 {
+    let m0 = monotonic_ns();
+    let r = realtime_ns();
+    let m1 = monotonic_ns();
+    let mid = (u128::from(m0) + u128::from(m1)) / 2;
+    i128::from(r) - mid as i128
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reading(index: u32, pids: &[u32]) -> GpuReading {
+        let mut r = GpuReading::empty(GpuInfo {
+            index,
+            uuid: format!("GPU-{index}"),
+            model: "test".into(),
+        });
+        r.process_pids = pids.to_vec();
+        r
+    }
+
+    #[test]
+    fn job_gpus_picks_gpus_with_job_contexts() {
+        let readings = [
+            reading(2, &[10, 11]),
+            reading(0, &[99]),
+            reading(1, &[]),
+            reading(3, &[12]),
+            reading(2, &[11]),
+        ];
+        let job: HashSet<u32> = [11, 12].into_iter().collect();
+        assert_eq!(job_gpus(&readings, &job), vec![2, 3]);
+        assert!(job_gpus(&readings, &HashSet::new()).is_empty());
+    }
+
+    #[test]
+    fn clocks_are_sane() {
+        let a = monotonic_ns();
+        let b = monotonic_ns();
+        assert!(a > 0 && b >= a);
+        // Realtime is well past 2020 and ahead of monotonic (uptime).
+        assert!(realtime_ns() > 1_577_836_800_000_000_000);
+        assert!(realtime_offset_ns() > 0);
+    }
+
+    #[test]
+    fn sample_start_saturates() {
+        let s = UtilSample {
+            end_ns: 5,
+            period_ns: 10,
+            util: 0.5,
+        };
+        assert_eq!(s.start_ns(), 0);
+    }
+}

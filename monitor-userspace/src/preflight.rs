@@ -1,0 +1,192 @@
+//! `stallmon check` and the checks `stallmon trace` makes before loading anything: privileges,
+//! kernel BTF, tracefs, every attach point, and the NVIDIA management library.
+use std::path::Path;
+
+use anyhow::{Result, bail};
+
+use crate::kernel::{TRACEPOINTS, loader::Attach, offsets};
+
+pub const TRACEFS: &str = "/sys/kernel/tracing";
+
+const CAP_SYS_ADMIN: u32 = 21;
+const CAP_PERFMON: u32 = 38;
+const CAP_BPF: u32 = 39;
+
+fn effective_caps() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("CapEff:"))
+                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Root, or CAP_BPF with CAP_PERFMON (or the older catch-all CAP_SYS_ADMIN).
+pub fn privileges() -> Result<String> {
+    let caps = effective_caps();
+    let has = |c: u32| caps & (1 << c) != 0;
+    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
+        // SAFETY: trivial libc call.
+        let euid = unsafe { libc::geteuid() };
+        Ok(if euid == 0 {
+            "running as root".into()
+        } else {
+            "CAP_BPF and CAP_PERFMON are effective".into()
+        })
+    } else {
+        bail!("stallmon needs root or CAP_BPF+CAP_PERFMON to load eBPF programs; run it with sudo")
+    }
+}
+
+pub fn btf() -> Result<String> {
+    if !Path::new(offsets::VMLINUX_BTF).exists() {
+        bail!(
+            "kernel BTF not found at {}: stallmon needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
+            offsets::VMLINUX_BTF
+        );
+    }
+    offsets::resolve_running_kernel()?;
+    Ok(format!(
+        "{} present, struct offsets resolved",
+        offsets::VMLINUX_BTF
+    ))
+}
+
+/// tracefs must be mounted for classic tracepoints; mount it if we may.
+pub fn tracefs(mount_if_missing: bool) -> Result<String> {
+    let events = Path::new(TRACEFS).join("events");
+    if events.is_dir() {
+        return Ok(format!("tracefs mounted at {TRACEFS}"));
+    }
+    if mount_if_missing {
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "nodev", TRACEFS])
+            .status();
+        if status.is_ok_and(|s| s.success()) && events.is_dir() {
+            return Ok(format!("tracefs was not mounted; mounted it at {TRACEFS}"));
+        }
+    }
+    bail!("tracefs is not mounted at {TRACEFS}: run `mount -t tracefs nodev {TRACEFS}`")
+}
+
+/// Whether the running kernel offers an attach point.
+pub fn attach_point(attach: Attach) -> Result<String> {
+    match attach {
+        Attach::Classic(cat, name) => {
+            let p = Path::new(TRACEFS)
+                .join("events")
+                .join(cat)
+                .join(name)
+                .join("id");
+            if p.exists() {
+                Ok(format!("tracepoint {cat}:{name}"))
+            } else {
+                bail!(
+                    "tracepoint {cat}:{name} not found in {TRACEFS}/events (kernel too old, or CONFIG_FTRACE_SYSCALLS off)"
+                )
+            }
+        }
+        Attach::Btf(name) => {
+            let btf = btf_rs::Btf::from_file(offsets::VMLINUX_BTF)?;
+            if btf
+                .resolve_ids_by_name(&format!("btf_trace_{name}"))
+                .is_ok()
+            {
+                Ok(format!("BTF tracepoint tp_btf/{name}"))
+            } else {
+                bail!("BTF tracepoint {name} not in this kernel's BTF")
+            }
+        }
+    }
+}
+
+/// One line of `stallmon check`.
+pub struct CheckItem {
+    pub name: String,
+    pub result: Result<String>,
+    /// Failing this item stops tracing (false: only GPU attribution is affected).
+    pub required: bool,
+}
+
+/// Runs every check; `load` also loads and attaches the programs once (the verifier's verdict).
+pub fn run_all(load: bool) -> Vec<CheckItem> {
+    let mut items = vec![
+        CheckItem {
+            name: "privileges".into(),
+            result: privileges(),
+            required: true,
+        },
+        CheckItem {
+            name: "kernel BTF".into(),
+            result: btf(),
+            required: true,
+        },
+        CheckItem {
+            name: "tracefs".into(),
+            result: tracefs(true),
+            required: true,
+        },
+    ];
+    for (prog, attach) in TRACEPOINTS {
+        items.push(CheckItem {
+            name: format!("attach point for {prog}"),
+            result: attach_point(*attach),
+            required: true,
+        });
+    }
+    if load && items.iter().all(|i| i.result.is_ok()) {
+        items.push(CheckItem {
+            name: "load and attach".into(),
+            result: crate::kernel::Kernel::load(0).map(|_| {
+                format!(
+                    "{} programs loaded and attached, then detached",
+                    TRACEPOINTS.len()
+                )
+            }),
+            required: true,
+        });
+    }
+    items.push(CheckItem {
+        name: "NVML".into(),
+        result: nvml(),
+        required: false,
+    });
+    items
+}
+
+/// Whether NVML can be initialised (the driver's libnvidia-ml.so and a GPU).
+pub fn nvml() -> Result<String> {
+    match nvml_wrapper::Nvml::init() {
+        Ok(n) => {
+            let count = n.device_count().unwrap_or(0);
+            Ok(format!("NVML initialised, {count} GPU(s)"))
+        }
+        Err(e) => bail!(
+            "NVML unavailable ({e}): GPU attribution disabled, I/O tracing works; install the NVIDIA driver (libnvidia-ml.so) on GPU hosts"
+        ),
+    }
+}
+
+/// Prints the check list; returns the exit code.
+pub fn report(items: &[CheckItem]) -> i32 {
+    let mut failed = false;
+    for i in items {
+        match &i.result {
+            Ok(msg) => println!("PASS  {:<34} {msg}", i.name),
+            Err(e) if i.required => {
+                failed = true;
+                println!("FAIL  {:<34} {e:#}", i.name);
+            }
+            Err(e) => println!("WARN  {:<34} {e:#}", i.name),
+        }
+    }
+    if failed {
+        println!("stallmon cannot trace on this machine: fix the FAIL lines above");
+        1
+    } else {
+        println!("stallmon can trace on this machine");
+        0
+    }
+}
