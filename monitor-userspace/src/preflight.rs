@@ -8,6 +8,13 @@ use crate::kernel::{TRACEPOINTS, loader::Attach, offsets};
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
+/// tracefs mount point: `$STALLMON_TRACEFS` (for tests of the error path), else [`TRACEFS`].
+fn tracefs_path() -> std::path::PathBuf {
+    std::env::var_os("STALLMON_TRACEFS")
+        .map(Into::into)
+        .unwrap_or_else(|| TRACEFS.into())
+}
+
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
@@ -41,34 +48,39 @@ pub fn privileges() -> Result<String> {
 }
 
 pub fn btf() -> Result<String> {
-    if !Path::new(offsets::VMLINUX_BTF).exists() {
+    let path = offsets::btf_path();
+    if !path.exists() {
         bail!(
             "kernel BTF not found at {}: stallmon needs a kernel built with CONFIG_DEBUG_INFO_BTF=y",
-            offsets::VMLINUX_BTF
+            path.display()
         );
     }
     offsets::resolve_running_kernel()?;
     Ok(format!(
         "{} present, struct offsets resolved",
-        offsets::VMLINUX_BTF
+        path.display()
     ))
 }
 
 /// tracefs must be mounted for classic tracepoints; mount it if we may.
 pub fn tracefs(mount_if_missing: bool) -> Result<String> {
-    let events = Path::new(TRACEFS).join("events");
+    let root = tracefs_path();
+    let shown = root.display();
+    let events = root.join("events");
     if events.is_dir() {
-        return Ok(format!("tracefs mounted at {TRACEFS}"));
+        return Ok(format!("tracefs mounted at {shown}"));
     }
-    if mount_if_missing {
+    if mount_if_missing && root.is_dir() {
         let status = std::process::Command::new("mount")
-            .args(["-t", "tracefs", "nodev", TRACEFS])
+            .args(["-t", "tracefs", "nodev"])
+            .arg(&root)
+            .stderr(std::process::Stdio::null())
             .status();
         if status.is_ok_and(|s| s.success()) && events.is_dir() {
-            return Ok(format!("tracefs was not mounted; mounted it at {TRACEFS}"));
+            return Ok(format!("tracefs was not mounted; mounted it at {shown}"));
         }
     }
-    bail!("tracefs is not mounted at {TRACEFS}: run `mount -t tracefs nodev {TRACEFS}`")
+    bail!("tracefs is not mounted at {shown}: run `mount -t tracefs nodev {shown}` as root")
 }
 
 /// Whether the running kernel offers an attach point.
@@ -84,12 +96,13 @@ pub fn attach_point(attach: Attach) -> Result<String> {
                 Ok(format!("tracepoint {cat}:{name}"))
             } else {
                 bail!(
-                    "tracepoint {cat}:{name} not found in {TRACEFS}/events (kernel too old, or CONFIG_FTRACE_SYSCALLS off)"
+                    "tracepoint {cat}:{name} not found in {}/events (kernel too old, or CONFIG_FTRACE_SYSCALLS off)",
+                    tracefs_path().display()
                 )
             }
         }
         Attach::Btf(name) => {
-            let btf = btf_rs::Btf::from_file(offsets::VMLINUX_BTF)?;
+            let btf = btf_rs::Btf::from_file(offsets::btf_path())?;
             if btf
                 .resolve_ids_by_name(&format!("btf_trace_{name}"))
                 .is_ok()

@@ -9,6 +9,14 @@ use monitor_common::KernelOffsets;
 
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
 
+/// Where the kernel BTF is read from: `$STALLMON_BTF_PATH` (for tests of the error path), else
+/// [`VMLINUX_BTF`].
+pub fn btf_path() -> std::path::PathBuf {
+    std::env::var_os("STALLMON_BTF_PATH")
+        .map(Into::into)
+        .unwrap_or_else(|| VMLINUX_BTF.into())
+}
+
 /// Offset of `member` in `struct name`, in bits, searching anonymous struct/union members too.
 fn member_bits(btf: &Btf, strukt: &str, member: &str) -> Result<(u32, Option<u32>)> {
     let types = btf
@@ -93,8 +101,12 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
 
 /// Loads the running kernel's BTF and resolves the offsets.
 pub fn resolve_running_kernel() -> Result<KernelOffsets> {
-    let btf = Btf::from_file(VMLINUX_BTF).with_context(|| {
-        format!("cannot read kernel BTF at {VMLINUX_BTF} (CONFIG_DEBUG_INFO_BTF=y is required)")
+    let path = btf_path();
+    let btf = Btf::from_file(&path).with_context(|| {
+        format!(
+            "cannot read kernel BTF at {} (CONFIG_DEBUG_INFO_BTF=y is required)",
+            path.display()
+        )
     })?;
     resolve(&btf)
 }
