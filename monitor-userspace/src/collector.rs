@@ -216,10 +216,9 @@ impl Collector {
             mono_ns,
             ..Snapshot::default()
         };
-        for role in 0..NUM_ROLES {
+        for (role, (r, st)) in snap.roles.iter_mut().zip(states).enumerate() {
             let rs = self.role_stats(role as u32)?;
-            let r = &mut snap.roles[role];
-            r.state_ns = states[role];
+            r.state_ns = st;
             for k in 0..NUM_FD_KINDS {
                 let s = &rs.read[k];
                 r.read[k] = ReadTotals {

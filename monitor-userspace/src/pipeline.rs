@@ -125,10 +125,7 @@ impl GpuPipeline {
                 end_ns: now,
                 state_ns: std::array::from_fn(|i| workers[i].saturating_sub(before[i])),
             };
-            self.emit(
-                AttributionRecord::WorkerSlice(slice),
-                recorder.as_deref_mut(),
-            )?;
+            self.emit(AttributionRecord::WorkerSlice(slice), recorder)?;
         }
         self.last_workers = Some((now, workers));
         Ok(())

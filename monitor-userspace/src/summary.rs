@@ -129,10 +129,8 @@ impl Summary {
             .collect();
         let mut reads = Vec::new();
         let mut roles = Vec::new();
-        for r in 0..NUM_ROLES {
-            let rt = &snap.roles[r];
-            for k in 0..NUM_FD_KINDS {
-                let rd = &rt.read[k];
+        for (r, rt) in snap.roles.iter().enumerate() {
+            for (k, rd) in rt.read.iter().enumerate() {
                 reads.push(ReadSummary {
                     role: ROLE_NAMES[r].to_string(),
                     fd_kind: FD_KIND_NAMES[k].to_string(),

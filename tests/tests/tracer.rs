@@ -469,7 +469,6 @@ fn thread_states_follow_the_bottleneck() {
     drop(slow);
     let (w_cpu, w_sto, w_ipc, w_oth) = role_states(&throttled, "worker");
     let (f_cpu, f_sto, f_ipc, f_oth) = role_states(&throttled, "feeder");
-    let w_total = w_cpu + w_sto + w_ipc + w_oth;
     let f_total = f_cpu + f_sto + f_ipc + f_oth;
     println!(
         "throttled: workers cpu {w_cpu:.2} storage {w_sto:.2} ipc {w_ipc:.2} other {w_oth:.2}; feeder cpu {f_cpu:.2} storage {f_sto:.2} ipc {f_ipc:.2} other {f_oth:.2}"

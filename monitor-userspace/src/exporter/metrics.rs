@@ -5,7 +5,7 @@
 //! file).
 use std::sync::{Arc, RwLock};
 
-use monitor_common::{DROP_NAMES, FD_KIND_NAMES, NUM_FD_KINDS, NUM_ROLES, ROLE_NAMES, STATE_NAMES};
+use monitor_common::{DROP_NAMES, FD_KIND_NAMES, ROLE_NAMES, STATE_NAMES};
 use prometheus::{
     Encoder, Registry, TextEncoder,
     core::{Collector, Desc},
@@ -193,15 +193,9 @@ pub fn families(state: &MetricsState) -> Vec<MetricFamily> {
             "Live processes of the job being traced, by role.",
             MetricType::GAUGE,
         );
-        for r in 0..NUM_ROLES {
-            let role = ROLE_NAMES[r];
-            let rt = &s.roles[r];
-            for k in 0..NUM_FD_KINDS {
-                let l = [
-                    ("job_name", job),
-                    ("role", role),
-                    ("fd_kind", FD_KIND_NAMES[k]),
-                ];
+        for (role, rt) in ROLE_NAMES.iter().zip(&s.roles) {
+            for (k, kind) in FD_KIND_NAMES.iter().enumerate() {
+                let l = [("job_name", job), ("role", role), ("fd_kind", kind)];
                 rlat.histogram(&l, &rt.read[k].hist, rt.read[k].sum_ns as f64 * 1e-9);
                 rbytes.value(&l, rt.read[k].bytes as f64);
             }
