@@ -31,6 +31,8 @@ pub const STATE_IPC_WAIT: u32 = 2;
 pub const STATE_OTHER_WAIT: u32 = 3;
 pub const NUM_STATES: usize = 4;
 pub const STATE_NAMES: [&str; NUM_STATES] = ["on_cpu", "storage_wait", "ipc_wait", "other_wait"];
+/// Feeder event state: the feeder thread exited (attribution treats it as unknown -> other).
+pub const STATE_EXITED: u32 = u32::MAX;
 
 /// Slots of the `ROLE_OPEN` array: (thread count, sum of since_ns) per role and state.
 pub const OPEN_SLOTS: usize = NUM_ROLES * NUM_STATES * 2;

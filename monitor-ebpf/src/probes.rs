@@ -376,6 +376,17 @@ pub fn sched_process_exit(ctx: TracePointContext) -> i32 {
         close_interval(t, now);
         open_enter_leave(t.role, t.state, now, false);
         let _ = THREADS.remove(&tid);
+        if tid == config().feeder_tid {
+            // The feeder is gone: its last state must not run on until user space notices.
+            let ev = FeederEvent {
+                ts_ns: now,
+                tid,
+                state: STATE_EXITED,
+            };
+            if FEEDER_EVENTS.output(&ev, 0).is_err() {
+                drop_event(DROP_FEEDER_RINGBUF_FULL);
+            }
+        }
     }
     let group_dead: u8 = unsafe { ctx.read_at(32) }.unwrap_or(0);
     if group_dead != 0 {
@@ -575,8 +586,10 @@ fn inflight_entry(rq: u64) -> Option<*mut Inflight> {
     INFLIGHT.get_ptr_mut(&rq)
 }
 
-/// Submission (`blk_account_io_start`, in the submitter's context): remember who submitted it if
-/// it is a job process.
+/// Submission of a request (`blk_account_io_start`, in the submitter's context): remember which
+/// job process submitted it. Requests that a kernel thread starts on the job's behalf (blk-throttle
+/// dispatch, writeback) are not attributed: without fentry (no BPF trampolines on this kernel)
+/// there is no hook in the submitter's context before blk-throttle defers the bio.
 #[btf_tracepoint(function = "block_io_start")]
 pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;

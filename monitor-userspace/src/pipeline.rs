@@ -33,6 +33,8 @@ pub struct GpuPipeline {
     job_pids: HashSet<u32>,
     /// Sampled directories of the job's open regular files, with counts.
     dirs: HashMap<String, u64>,
+    /// GPUs that failed at some point, with the last error.
+    stale: BTreeMap<u32, String>,
 }
 
 impl GpuPipeline {
@@ -59,6 +61,7 @@ impl GpuPipeline {
             feeder_seeded: false,
             job_pids: HashSet::new(),
             dirs: HashMap::new(),
+            stale: BTreeMap::new(),
         }
     }
 
@@ -168,7 +171,9 @@ impl GpuPipeline {
         }
         for r in readings {
             if let Some(why) = &r.stale {
-                log::warn!("GPU {} is stale: {why}", r.info.index);
+                if self.stale.insert(r.info.index, why.clone()).is_none() {
+                    eprintln!("stallmon: GPU {} is stale: {why}", r.info.index);
+                }
             }
             if self.selected.contains(&r.info.index) && !r.samples.is_empty() {
                 let rec = GpuRecord::new(&r.info, source, &r.samples);
@@ -195,6 +200,21 @@ impl GpuPipeline {
                 continue;
             };
             for fd in dir.flatten() {
+                // Only files open for reading (the dataset), not logs or checkpoints being
+                // written: the access mode in fdinfo's octal flags is O_RDONLY (0).
+                let info = std::fs::read_to_string(format!(
+                    "/proc/{pid}/fdinfo/{}",
+                    fd.file_name().to_string_lossy()
+                ))
+                .unwrap_or_default();
+                let read_only = info
+                    .lines()
+                    .find_map(|l| l.strip_prefix("flags:"))
+                    .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+                    .is_some_and(|f| f & 3 == 0);
+                if !read_only {
+                    continue;
+                }
                 let Ok(target) = std::fs::read_link(fd.path()) else {
                     continue;
                 };
@@ -262,7 +282,13 @@ impl GpuPipeline {
             .values()
             .map(|r| (r.info.index, (r.info.uuid.clone(), r.info.model.clone())))
             .collect();
-        attach_gpu_results(summary, &self.attributor.totals(), &labels, self.source());
+        attach_gpu_results(
+            summary,
+            &self.attributor.totals(),
+            &labels,
+            self.source(),
+            &self.stale,
+        );
     }
 }
 
@@ -272,6 +298,7 @@ pub fn attach_gpu_results(
     totals: &[GpuTotals],
     labels: &BTreeMap<u32, (String, String)>,
     source: Option<&str>,
+    stale: &BTreeMap<u32, String>,
 ) {
     let simulated = source == Some("simulated");
     let context = verdict_context(summary, simulated);
@@ -295,8 +322,15 @@ pub fn attach_gpu_results(
             "idle_seconds": idle,
             "idle_total_seconds": t.idle_total_s(),
             "samples": t.samples,
+            "stale": stale.get(&t.gpu),
         }));
-        summary.gpu_verdicts.push(verdict(t, &context));
+        let mut line = verdict(t, &context);
+        if let Some(why) = stale.get(&t.gpu) {
+            line.push_str(&format!(
+                " [GPU went stale during the run: {why}; figures cover only the samples received]"
+            ));
+        }
+        summary.gpu_verdicts.push(line);
     }
     if totals.is_empty() && source.is_some() {
         let what = if simulated { "simulated GPU" } else { "GPU" };
@@ -309,12 +343,13 @@ pub fn attach_gpu_results(
 /// Where the job's reads went: the device with most job bytes, the p99 of the file reads of the
 /// role that read most, and the hottest directory.
 pub fn verdict_context(summary: &Summary, simulated: bool) -> VerdictContext {
-    let read_device = summary
-        .block
-        .iter()
-        .filter(|b| b.op == "read")
+    // The device the job's own requests went to; when none were attributed (I/O started by a
+    // kernel thread on the job's behalf, e.g. blk-throttle dispatch), the busiest read device.
+    let reads = || summary.block.iter().filter(|b| b.op == "read");
+    let read_device = reads()
         .max_by_key(|b| b.job_bytes.iter().sum::<u64>())
         .filter(|b| b.job_bytes.iter().sum::<u64>() > 0)
+        .or_else(|| reads().filter(|b| b.bytes > 0).max_by_key(|b| b.bytes))
         .map(|b| b.device.clone());
     let file = monitor_common::FD_KIND_NAMES[FD_FILE as usize];
     let read_p99_s = summary

@@ -52,7 +52,13 @@ pub fn run(path: &Path, json: bool) -> Result<i32> {
             .iter()
             .map(|(i, l)| (*i, (l.uuid.clone(), l.model.clone())))
             .collect();
-        attach_gpu_results(&mut summary, &recomputed.totals, &labels, source.as_deref());
+        attach_gpu_results(
+            &mut summary,
+            &recomputed.totals,
+            &labels,
+            source.as_deref(),
+            &BTreeMap::new(),
+        );
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);

@@ -20,23 +20,30 @@ step (busy) or belongs to one recorded segment of idle time, classified with the
 as stallmon's attribution contract (docs/method.md, /work/shared/notes/attribution.md):
 
 * **waiting for a batch** (``q.get()``, the feeder is blocked on the result queue's pipe): the
-  feeder's own CPU time during the call (thread CPU clock: locking, unpickling) is **host**; the rest
-  is split between **io** and **preprocess** in the ratio of the producing worker's measured wall
-  time reading that batch's files vs preprocessing it (checksums + ``--cpu-ms`` of CPU per file).
+  feeder's own CPU time during the call (locking, unpickling) is **host**; the rest is split
+  between **io** and **preprocess** in the ratio of the producing worker's measured wall time
+  reading that batch's files vs preprocessing it (checksums + ``--cpu-ms`` of CPU per file).
   Workers send these timings with the batch.
 * **reading files itself** (``--workers 0``): CPU time → **host**, the rest (blocked in ``read``) →
   **io**. The contract says feeder ``storage_wait`` → io.
-* **everything else** the feeder does (start-up, its own preprocessing with ``--workers 0``, the
-  ``--host-ms`` per-step "launch overhead", bookkeeping, shutdown): CPU time → **host**, the rest
-  (preempted, waiting for children to exit) → **other**. NOTE: with ``--workers 0`` the feeder's
-  CPU preprocessing is *host*, not preprocess: in the contract, feeder ``on_cpu`` is host and only
-  *workers'* CPU time is preprocess. The truth deliberately uses the contract's definitions.
+* **the feeder's own CPU work** (start-up, its own preprocessing with ``--workers 0``, the
+  ``--host-ms`` per-step "launch overhead", bookkeeping): time spent runnable but waiting for a
+  CPU (preempted: the kernel's run-queue delay, ``/proc/thread-self/schedstat``) → **other**, the
+  rest → **host**. The rest includes time the hypervisor stole from the vCPU while the feeder was
+  running: the kernel (and so the tracer) sees the thread on CPU then, and the contract says feeder
+  on CPU → host. (Without schedstat: CPU time → host, the rest → other.) NOTE: with
+  ``--workers 0`` the feeder's CPU preprocessing is *host*, not preprocess: in the contract,
+  feeder ``on_cpu`` is host and only *workers'* CPU time is preprocess. The truth deliberately
+  uses the contract's definitions.
+* **shutdown** (terminating and joining the workers): CPU time → **host**, the rest (blocked in
+  ``waitpid``) → **other**.
 
-The feeder's CPU time is measured with ``time.thread_time_ns()``; "the rest" is wall minus CPU,
-i.e. the time off CPU, which is what the tracer classifies by the reason the thread slept.
+CPU time is the thread CPU clock (``time.thread_time_ns()``); "the rest" is wall minus CPU time, the
+time off CPU, which the tracer classifies by the reason the thread slept.
 
 Outside ``[t0, t1]`` the workload knows nothing: the interpreter's start before ``t0`` and the time
-after ``t1`` until the tracer stops are added by the test (see tests/tests/attribution.rs).
+after ``t1`` until the tracer stops are added by the test (see tests/tests/attribution.rs), which
+may use ``t0_run_delay_ns`` (the feeder's run-queue delay since the thread started, at ``t0``).
 
 The dataset should exist before the traced run (``--prepare``): creating it inside the run writes
 and fsyncs files, which the truth would count as host/other. ``prepared_in_run`` says if it happened.
@@ -44,15 +51,35 @@ With ``--uncached`` every file's pages are dropped from the page cache right aft
 (``posix_fadvise(POSIX_FADV_DONTNEED)``), so every epoch reads the disk again.
 """
 
+import os
 import time
 
 T0_NS = time.monotonic_ns()  # the first instant of the workload's own timeline
 T0_CPU_NS = time.thread_time_ns()
 
+
+def _schedstat_fd():
+    try:
+        return os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+    except OSError:
+        return None
+
+
+_SCHEDSTAT = _schedstat_fd()
+
+
+def run_delay_ns():
+    """The calling thread's run-queue delay so far (runnable, not running), or None."""
+    if _SCHEDSTAT is None:
+        return None
+    return int(os.pread(_SCHEDSTAT, 128, 0).split()[1])
+
+
+T0_RUN_DELAY_NS = run_delay_ns()
+
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
-import os  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
 
@@ -64,7 +91,9 @@ def parse_args(argv):
     p.add_argument("--data", required=True, help="dataset directory (created if missing)")
     p.add_argument("--files", type=int, default=200, help="files in the dataset")
     p.add_argument("--file-kib", type=int, default=256, help="size of each file, KiB")
-    p.add_argument("--prepare", action="store_true", help="create the dataset and exit")
+    p.add_argument("--prepare", action="store_true",
+                   help="create the dataset and exit (with --uncached: and evict it from the "
+                   "page cache, so that the run starts cold)")
     p.add_argument("--workers", type=int, default=4, help="worker processes (0: synchronous)")
     p.add_argument("--start-method", choices=("fork", "spawn", "forkserver"), default="fork")
     p.add_argument("--batch-files", type=int, default=4, help="files per batch")
@@ -80,6 +109,7 @@ def parse_args(argv):
     p.add_argument("--seconds", type=float, default=15.0, help="training time")
     p.add_argument("--gpu-file", help="append '<start_ns> <end_ns>' per GPU step here")
     p.add_argument("--truth", help="write the ground truth (JSON) here")
+    p.add_argument("--timeline", help="debugging: write every truth segment (JSON lines) here")
     return p.parse_args(argv)
 
 
@@ -115,6 +145,16 @@ def prepare(data, n, kib):
         finally:
             os.close(fd)
     return wrote
+
+
+def evict(files):
+    """Drops the files' pages from the page cache (clean pages only: prepare() fsyncs)."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def read_file(path, uncached):
@@ -189,9 +229,11 @@ def worker_main(wid, nworkers, files, batch_files, cpu_ms, uncached, q):
 class Truth:
     """Cursor over the feeder's timeline; see the module docstring for the rules."""
 
-    def __init__(self, t0_ns, cpu0_ns):
+    def __init__(self, t0_ns, cpu0_ns, rq0_ns, timeline=None):
         self.t = t0_ns
         self.cpu = cpu0_ns
+        self.rq = rq0_ns  # run-queue delay at the cursor (None: no schedstat)
+        self.timeline = timeline  # list of segments, or None
         self.idle = dict.fromkeys(CAUSES, 0)  # ns (floats after splits)
         self.busy = 0
         self.steps = 0
@@ -201,24 +243,40 @@ class Truth:
         self.worker_prep_ns = 0
         self.feeder_read_ns = 0
 
-    def _advance(self):
+    def _advance(self, kind):
+        """Closes the segment since the cursor: (now, wall, CPU time, run-queue delay or None)."""
         now = time.monotonic_ns()
         cpu = time.thread_time_ns()
+        rq = run_delay_ns()
         wall = max(0, now - self.t)
         used = min(wall, max(0, cpu - self.cpu))
-        self.t, self.cpu = now, cpu
-        return now, wall, used
+        queued = None if rq is None or self.rq is None else min(wall, max(0, rq - self.rq))
+        if self.timeline is not None:
+            self.timeline.append((kind, self.t, now, used, queued))
+        self.t, self.cpu, self.rq = now, cpu, rq
+        return now, wall, used, queued
 
-    def host(self):
-        """Closes a segment of the feeder's own work: CPU -> host, off CPU -> other."""
-        now, wall, used = self._advance()
+    def work(self):
+        """Closes a segment of the feeder's own CPU work: waiting for a CPU -> other, the rest
+        (on CPU) -> host."""
+        now, wall, used, queued = self._advance("work")
+        if queued is None:
+            queued = wall - used
+        self.idle["host"] += wall - queued
+        self.idle["other"] += queued
+        return now
+
+    def blocking(self):
+        """Closes a segment where the feeder may block on something other than data (waitpid):
+        CPU -> host, off CPU -> other."""
+        now, wall, used, _ = self._advance("blocking")
         self.idle["host"] += used
         self.idle["other"] += wall - used
         return now
 
     def read(self):
         """Closes a segment of the feeder reading files: CPU -> host, blocked -> io."""
-        now, wall, used = self._advance()
+        now, wall, used, _ = self._advance("read")
         self.idle["host"] += used
         self.idle["io"] += wall - used
         self.feeder_read_ns += wall
@@ -227,7 +285,7 @@ class Truth:
     def wait(self, read_ns, prep_ns):
         """Closes a wait for a batch whose producer read for `read_ns` and preprocessed for
         `prep_ns`: CPU -> host, the rest split io : preprocess = read_ns : prep_ns."""
-        now, wall, used = self._advance()
+        now, wall, used, _ = self._advance("wait")
         self.idle["host"] += used
         rest = wall - used
         total = read_ns + prep_ns
@@ -246,8 +304,11 @@ class Truth:
         """A GPU step [start, end): busy. The cursor must be at `start_ns` (closed just before)."""
         self.busy += end_ns - start_ns
         self.steps += 1
+        if self.timeline is not None:
+            self.timeline.append(("step", start_ns, end_ns, 0, 0))
         self.t = end_ns
         self.cpu = time.thread_time_ns()
+        self.rq = run_delay_ns()
 
     def report(self, args, extra):
         s = 1e-9
@@ -255,6 +316,8 @@ class Truth:
         out = {
             "t0_ns": T0_NS,
             "t1_ns": self.t,
+            "t0_run_delay_ns": T0_RUN_DELAY_NS,
+            "t0_cpu_ns": T0_CPU_NS,
             "wall_s": (self.t - T0_NS) * s,
             "busy_s": self.busy * s,
             "idle_s": idle,
@@ -267,9 +330,10 @@ class Truth:
             "feeder_read_s": self.feeder_read_ns * s,
             "workers": args.workers,
             "start_method": args.start_method,
-            "definitions": "stallmon contract: feeder CPU -> host, feeder blocked read -> io, "
+            "definitions": "stallmon contract: feeder on CPU -> host, feeder blocked read -> io, "
             "batch wait -> io:preprocess by the producer's read:preprocess wall time, "
-            "other feeder off-CPU time -> other",
+            "feeder preempted or blocked otherwise -> other",
+            "schedstat": T0_RUN_DELAY_NS is not None,
         }
         out.update(extra)
         return out
@@ -294,7 +358,7 @@ class GpuFile:
 
 def gpu_step(truth, gpu, gpu_ms):
     """Runs one GPU step: the feeder sleeps while the (simulated) GPU is busy."""
-    start = truth.host()
+    start = truth.work()
     time.sleep(gpu_ms / 1000.0)
     end = time.monotonic_ns()
     truth.step(start, end)
@@ -305,10 +369,12 @@ def main(argv):
     args = parse_args(argv)
     if args.prepare:
         prepare(args.data, args.files, args.file_kib)
+        if args.uncached:
+            evict(dataset_files(args.data, args.files))
         return 0
     if args.workers < 0 or args.batch_files < 1:
         sys.exit("--workers must be >= 0 and --batch-files >= 1")
-    truth = Truth(T0_NS, T0_CPU_NS)
+    truth = Truth(T0_NS, T0_CPU_NS, T0_RUN_DELAY_NS, [] if args.timeline else None)
     prepared_in_run = prepare(args.data, args.files, args.file_kib)
     files = dataset_files(args.data, args.files)
     gpu = GpuFile(args.gpu_file)
@@ -325,13 +391,13 @@ def main(argv):
             )
             p.start()
             procs.append(p)
-    truth.host()  # start-up
+    truth.work()  # start-up
 
     deadline = time.monotonic_ns() + int(args.seconds * 1e9)
     i = 0
     while time.monotonic_ns() < deadline:
         if q is not None:
-            truth.host()
+            truth.work()
             _wid, _seq, _digest, read_ns, prep_ns = q.get()
             truth.wait(read_ns, prep_ns)
         else:
@@ -344,16 +410,21 @@ def main(argv):
         burn(args.host_ms)  # "Python overhead and kernel launches"
         gpu_step(truth, gpu, args.gpu_ms)
 
+    truth.work()
     for p in procs:
         p.terminate()
     for p in procs:
         p.join()
-    truth.host()  # shutdown
+    truth.blocking()  # shutdown
     if args.truth:
         report = truth.report(args, {"prepared_in_run": prepared_in_run})
         with open(args.truth + ".tmp", "w") as f:
             json.dump(report, f, indent=1)
         os.rename(args.truth + ".tmp", args.truth)
+    if args.timeline:
+        with open(args.timeline, "w") as f:
+            for seg in truth.timeline:
+                f.write(json.dumps(seg) + "\n")
     return 0
 
 

@@ -37,6 +37,10 @@ pub struct SimulatedGpu {
     /// Start of the next period to emit.
     next_start: u64,
     bad_lines: u64,
+    /// The file has been opened once: from then on, its disappearance is an error.
+    seen: bool,
+    /// Busy time reported so far (drives the synthetic PCIe counters).
+    busy_total_ns: u64,
 }
 
 impl SimulatedGpu {
@@ -72,6 +76,8 @@ impl SimulatedGpu {
             busy: Vec::new(),
             next_start: start_ns,
             bad_lines: 0,
+            seen: false,
+            busy_total_ns: 0,
         }
     }
 
@@ -85,14 +91,22 @@ impl SimulatedGpu {
         self.bad_lines
     }
 
-    /// Reads lines appended since the last call. A missing file is not an error (the workload has
-    /// not started yet); a file that shrank is re-read from the start.
+    /// Reads lines appended since the last call. A missing file is not an error until the file
+    /// has been seen (the workload has not started yet); one that disappears afterwards makes the
+    /// GPU stale. A file that shrank is re-read from the start.
     fn read_new(&mut self) -> Result<(), String> {
         let mut file = match File::open(&self.path) {
             Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+            Err(e) if e.kind() == ErrorKind::NotFound && !self.seen => return Ok(()),
             Err(e) => return Err(format!("{}: {e}", self.path.display())),
         };
+        self.seen = true;
+        let meta = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", self.path.display()))?;
+        if meta.is_dir() {
+            return Err(format!("{}: is a directory", self.path.display()));
+        }
         let len = file
             .metadata()
             .map_err(|e| format!("{}: {e}", self.path.display()))?
@@ -188,6 +202,23 @@ impl SimulatedGpu {
             return r;
         }
         r.samples = self.samples_until(until_ns, partial_tail);
+        // Synthetic health figures, so that every dashboard panel has something to show in the
+        // demo; the source is labelled "simulated" everywhere (stallmon_gpu_simulated = 1).
+        let util = r.samples.last().map_or(0.0, |s| s.util);
+        self.busy_total_ns += r
+            .samples
+            .iter()
+            .map(|s| (s.util * s.period_ns as f64) as u64)
+            .sum::<u64>();
+        r.memory_total_bytes = Some(80 << 30);
+        r.memory_used_bytes = Some((8 << 30) + ((util * (60u64 << 30) as f64) as u64));
+        r.temperature_c = Some(35.0 + 40.0 * util);
+        r.power_w = Some(70.0 + 500.0 * util);
+        // As if each busy second moved 2 GB in and 0.5 GB out over PCIe.
+        let busy_s = self.busy_total_ns as f64 * 1e-9;
+        r.pcie_rx_bytes = Some((busy_s * 2e9) as u64);
+        r.pcie_tx_bytes = Some((busy_s * 5e8) as u64);
+        r.throttle_reasons = vec![("gpu_idle", util < 0.05), ("sw_power_cap", false)];
         r
     }
 }

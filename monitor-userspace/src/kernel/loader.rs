@@ -13,7 +13,8 @@ use super::offsets;
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/monitor"));
 
 /// How a program attaches: BTF tracepoints (`tp_btf`, typed arguments such as the
-/// `struct request *`) or classic tracepoints (`category:name`).
+/// `struct request *`) or classic tracepoints (`category:name`). (No fentry: these kernels have
+/// no BPF trampolines.)
 #[derive(Clone, Copy, Debug)]
 pub enum Attach {
     Btf(&'static str),
