@@ -276,20 +276,40 @@ async fn run_traced(
     })
 }
 
-/// Stops a command we started (SIGTERM, then SIGKILL after 5 s) and returns its status.
+/// Stops the job we started: SIGTERM to the command and every live descendant (DataLoader
+/// workers would otherwise be orphaned, still holding our stdout), SIGKILL to what is left after
+/// 5 s. Returns the command's status.
 fn stop_child(child: &mut std::process::Child) -> i32 {
     if let Ok(Some(s)) = child.try_wait() {
         return exit_code(s);
     }
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let root = child.id();
+    let job: Vec<u32> = std::iter::once(root)
+        .chain(job::descendants(root).into_iter().map(|(p, _)| p))
+        .collect();
+    let signal_all = |sig| {
+        for &p in &job {
+            // SAFETY: signalling processes of the job we started.
+            unsafe { libc::kill(p as i32, sig) };
+        }
+    };
+    signal_all(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(5);
+    let mut status = None;
     while Instant::now() < deadline {
-        if let Ok(Some(s)) = child.try_wait() {
-            return exit_code(s);
+        if status.is_none()
+            && let Ok(Some(s)) = child.try_wait()
+        {
+            status = Some(exit_code(s));
+        }
+        let alive = job[1..]
+            .iter()
+            .any(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+        if status.is_some() && !alive {
+            break;
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let _ = child.kill();
-    child.wait().map(exit_code).unwrap_or(1)
+    signal_all(libc::SIGKILL);
+    status.unwrap_or_else(|| child.wait().map(exit_code).unwrap_or(1))
 }
