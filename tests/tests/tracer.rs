@@ -125,19 +125,32 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
     );
     let pid = wl.0.id().to_string();
     let tracer =
-        Tracer::start(&["--pid", &pid, "--json", "--no-gpu", "--interval", "0.5"]).unwrap();
+        Tracer::start(&["--pid", &pid, "--json", "--no-gpu", "--interval", "0.1"]).unwrap();
+    // Same window on both sides: read the kernel's counters, then scrape once the tracer has taken
+    // its next snapshot (interval 0.1 s), at the start and at the end of the workload's reads.
+    let traced = |text: &str| {
+        let sel = [format!("device=\"{dev}\""), "op=\"read\"".to_string()];
+        let sel: Vec<&str> = sel.iter().map(String::as_str).collect();
+        (
+            metric_sum(text, "stallmon_block_io_requests_total", &sel) as u64,
+            metric_sum(text, "stallmon_block_io_bytes_total", &sel) as u64,
+        )
+    };
     let (reads0, sectors0) = disk_reads(&dev);
+    std::thread::sleep(Duration::from_millis(250));
+    let (treads0, tbytes0) = traced(&tracer.scrape().unwrap());
     let own = wait_for_file(&report, Duration::from_secs(120));
     let (reads1, sectors1) = disk_reads(&dev);
+    std::thread::sleep(Duration::from_millis(250));
+    let (treads1, tbytes1) = traced(&tracer.scrape().unwrap());
     let done = tracer.stop().unwrap();
     assert!(done.status.success(), "{}", done.stderr);
     let summary = done.summary().unwrap();
 
     let stat_reads = reads1 - reads0;
     let stat_bytes = (sectors1 - sectors0) * 512;
-    let b = block_entry(&summary, &dev, "read");
-    let traced_reads = b["requests"].as_u64().unwrap();
-    let traced_bytes = b["bytes"].as_u64().unwrap();
+    let traced_reads = treads1 - treads0;
+    let traced_bytes = tbytes1 - tbytes0;
     let count_err = (traced_reads as f64 - stat_reads as f64).abs() / stat_reads as f64;
     let bytes_err = (traced_bytes as f64 - stat_bytes as f64).abs() / stat_bytes as f64;
     println!(
@@ -159,6 +172,8 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
         "read bytes off by {:.2}%",
         bytes_err * 100.0
     );
+    let b = block_entry(&summary, &dev, "read");
+    let traced_reads = b["requests"].as_u64().unwrap();
     // The job's own requests are attributed to its role (the feeder submitted them).
     let job_reqs = b["job_requests"][0].as_u64().unwrap();
     assert!(
