@@ -51,35 +51,43 @@ pub const OP_OTHER: u32 = 4;
 pub const NUM_OPS: usize = 5;
 pub const OP_NAMES: [&str; NUM_OPS] = ["read", "write", "flush", "discard", "other"];
 
-/// Block histogram kinds.
-pub const BLK_HIST_LATENCY: u8 = 0; // issue -> complete
-pub const BLK_HIST_QUEUE: u8 = 1; // insert -> issue
-
 /// Reasons an event was lost; each one is a per-CPU counter in the `DROPS` map.
 pub const DROP_INFLIGHT_FULL: u32 = 0;
 pub const DROP_BLOCK_STATS_FULL: u32 = 1;
-pub const DROP_BLOCK_HIST_FULL: u32 = 2;
-pub const DROP_PROCS_FULL: u32 = 3;
-pub const DROP_THREADS_FULL: u32 = 4;
-pub const DROP_FEEDER_RINGBUF_FULL: u32 = 5;
-pub const DROP_KERNEL_READ_FAILED: u32 = 6;
+pub const DROP_PROCS_FULL: u32 = 2;
+pub const DROP_THREADS_FULL: u32 = 3;
+pub const DROP_FEEDER_RINGBUF_FULL: u32 = 4;
+pub const DROP_KERNEL_READ_FAILED: u32 = 5;
+/// A process id beyond the TRACKED array (pid_max raised after load).
+pub const DROP_PID_OUT_OF_RANGE: u32 = 6;
 pub const NUM_DROPS: usize = 7;
 pub const DROP_NAMES: [&str; NUM_DROPS] = [
-    "inflight_map_full",
+    "inflight_slot_collision",
     "block_stats_map_full",
-    "block_hist_map_full",
     "procs_map_full",
     "threads_map_full",
     "feeder_ringbuf_full",
     "kernel_read_failed",
+    "pid_out_of_range",
 ];
+
+/// Default size of the pid-indexed `TRACKED` array; user space sets it to the running kernel's
+/// `pid_max` at load time.
+pub const DEFAULT_PID_SLOTS: u32 = 4 * 1024 * 1024;
 
 /// Map sizes (fixed at compile time; every failed insert is counted in `DROPS`).
 pub const MAX_PROCS: u32 = 8192;
 pub const MAX_THREADS: u32 = 65536;
-pub const MAX_INFLIGHT: u32 = 16384;
+/// Slots of the direct-mapped in-flight request array (a power of two: `INFLIGHT_SLOT_BITS`).
+pub const INFLIGHT_SLOT_BITS: u32 = 14;
+pub const MAX_INFLIGHT: u32 = 1 << INFLIGHT_SLOT_BITS;
+
+/// Slot of a `struct request *` in the in-flight array (Fibonacci hashing of the pointer).
+#[inline(always)]
+pub const fn inflight_slot(rq: u64) -> u32 {
+    ((rq >> 6).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - INFLIGHT_SLOT_BITS)) as u32
+}
 pub const MAX_BLOCK_KEYS: u32 = 256;
-pub const MAX_BLOCK_HIST_KEYS: u32 = 8192;
 pub const FEEDER_RINGBUF_BYTES: u32 = 256 * 1024;
 
 /// Struct member offsets in the running kernel, resolved from BTF by user space at load time and
@@ -172,10 +180,12 @@ pub struct ReadStats {
     pub hist: [u64; HIST_SLOTS],
 }
 
-/// An in-flight block request (key: the `struct request *`).
+/// An in-flight block request, in slot `inflight_slot(rq)` of a direct-mapped array; `rq` is the
+/// `struct request *` that owns the slot (0 = free).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Inflight {
+    pub rq: u64,
     pub insert_ns: u64,
     pub issue_ns: u64,
     /// Role + 1 of the job process that submitted it, 0 when the submitter is not in the job.
@@ -192,7 +202,7 @@ pub struct BlockKey {
 }
 
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct BlockStats {
     /// Completed requests and their bytes (partial completions add bytes, not requests).
     pub count: u64,
@@ -206,16 +216,9 @@ pub struct BlockStats {
     /// Requests and bytes submitted by job processes, by role.
     pub job_count: [u64; NUM_ROLES],
     pub job_bytes: [u64; NUM_ROLES],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct BlockHistKey {
-    pub dev: u32,
-    pub op: u8,
-    pub kind: u8,
-    pub slot: u8,
-    pub _pad: u8,
+    /// Issue -> complete and insert -> issue histograms (one value, so one lookup per request).
+    pub lat_hist: [u64; HIST_SLOTS],
+    pub queue_hist: [u64; HIST_SLOTS],
 }
 
 /// A state change of the feeder thread, sent through the `FEEDER_EVENTS` ring buffer (one thread
@@ -240,7 +243,6 @@ mod pod {
     unsafe impl aya::Pod for Inflight {}
     unsafe impl aya::Pod for BlockKey {}
     unsafe impl aya::Pod for BlockStats {}
-    unsafe impl aya::Pod for BlockHistKey {}
     unsafe impl aya::Pod for FeederEvent {}
 }
 

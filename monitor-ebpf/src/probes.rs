@@ -1,4 +1,5 @@
 use aya_ebpf::{
+    EbpfContext,
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::{
         bpf_get_current_pid_tgid, bpf_probe_read_kernel,
@@ -39,6 +40,11 @@ static CONFIG: Config = Config {
 // Maps
 // ---------------------------------------------------------------------------------------------
 
+/// Tracked processes by tgid, as an array indexed by pid (value: role + 1, 0 = untracked). The
+/// verifier inlines array lookups, so the early exit of untracked tasks costs no helper call.
+/// User space sizes it to the kernel's pid_max at load time.
+#[map]
+static TRACKED: Array<u32> = Array::with_max_entries(DEFAULT_PID_SLOTS, 0);
 /// Tracked processes, by tgid. User space seeds the target (and its existing descendants).
 #[map]
 static PROCS: HashMap<u32, ProcInfo> = HashMap::with_max_entries(MAX_PROCS, 0);
@@ -48,15 +54,17 @@ static THREADS: HashMap<u32, ThreadInfo> = HashMap::with_max_entries(MAX_THREADS
 /// Per-role totals (state time, read syscalls), per CPU.
 #[map]
 static ROLE_STATS: PerCpuArray<RoleStats> = PerCpuArray::with_max_entries(NUM_ROLES as u32, 0);
-/// Block requests in flight, by `struct request *`.
+/// Block requests in flight: a direct-mapped array indexed by a hash of the `struct request *`
+/// (no hash-map insert and delete per request; a slot taken by another live request is counted
+/// as a collision and overwritten).
 #[map]
-static INFLIGHT: HashMap<u64, Inflight> = HashMap::with_max_entries(MAX_INFLIGHT, 0);
+static INFLIGHT: Array<Inflight> = Array::with_max_entries(MAX_INFLIGHT, 0);
 #[map]
 static BLOCK_STATS: PerCpuHashMap<BlockKey, BlockStats> =
     PerCpuHashMap::with_max_entries(MAX_BLOCK_KEYS, 0);
+/// An all-zero `BlockStats` (too large for the BPF stack) to insert new keys from.
 #[map]
-static BLOCK_HIST: PerCpuHashMap<BlockHistKey, u64> =
-    PerCpuHashMap::with_max_entries(MAX_BLOCK_HIST_KEYS, 0);
+static ZERO_BLOCK_STATS: PerCpuArray<BlockStats> = PerCpuArray::with_max_entries(1, 0);
 /// Open intervals per role and state, so that user space can add the time that threads have spent
 /// in their current state so far without walking every thread: for index `open_index(role,
 /// state)`, element 0 is the number of threads in that state and element 1 the sum of their
@@ -116,6 +124,23 @@ fn hist_add(hist: &mut [u64; HIST_SLOTS], ns: u64) {
     let slot = hist_slot(ns);
     if let Some(h) = hist.get_mut(slot) {
         *h += 1;
+    }
+}
+
+/// Role + 1 of process `tgid` if tracked, else 0: one inlined array lookup.
+#[inline(always)]
+fn tracked(tgid: u32) -> u32 {
+    match TRACKED.get(tgid) {
+        Some(v) => *v,
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn set_tracked(tgid: u32, role_plus_one: u32) {
+    match TRACKED.get_ptr_mut(tgid) {
+        Some(v) => unsafe { *v = role_plus_one },
+        None => drop_event(DROP_PID_OUT_OF_RANGE),
     }
 }
 
@@ -274,7 +299,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     // prev is the current task.
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    if let Some(p) = PROCS.get_ptr(&tgid) {
+    if tracked(tgid) != 0
+        && let Some(p) = PROCS.get_ptr(&tgid)
+    {
         let p = unsafe { &*p };
         let existing = THREADS.get_ptr_mut(&tid);
         let t = match existing {
@@ -293,7 +320,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     }
 
     let o = config().offsets;
-    if let Some(next_tid) = rd::<u32>(next, o.task_pid)
+    if let Some(next_tgid) = rd::<u32>(next, o.task_tgid)
+        && tracked(next_tgid) != 0
+        && let Some(next_tid) = rd::<u32>(next, o.task_pid)
         && let Some(t) = THREADS.get_ptr_mut(&next_tid)
     {
         let t = unsafe { &mut *t };
@@ -310,6 +339,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "sched_process_fork")]
 pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tracked(tgid) == 0 {
+        return 0;
+    }
     let Some(p) = PROCS.get_ptr(&tgid) else {
         return 0;
     };
@@ -337,6 +369,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
             drop_event(DROP_PROCS_FULL);
             return 0;
         }
+        set_tracked(child_tgid, ROLE_WORKER + 1);
         ROLE_WORKER
     };
     if let Some(stale) = THREADS.get_ptr_mut(&child_pid) {
@@ -367,6 +400,9 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
 pub fn sched_process_exit(ctx: TracePointContext) -> i32 {
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
+    if tracked(tgid) == 0 {
+        return 0;
+    }
     let Some(p) = PROCS.get_ptr_mut(&tgid) else {
         return 0;
     };
@@ -392,6 +428,7 @@ pub fn sched_process_exit(ctx: TracePointContext) -> i32 {
     if group_dead != 0 {
         // User space reads the final counters, then deletes the entry.
         unsafe { (*p).exited = 1 };
+        set_tracked(tgid, 0);
     }
     0
 }
@@ -401,7 +438,9 @@ pub fn sched_process_exit(ctx: TracePointContext) -> i32 {
 #[tracepoint(category = "sched", name = "sched_process_exec")]
 pub fn sched_process_exec(_ctx: TracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if let Some(p) = PROCS.get_ptr_mut(&tgid) {
+    if tracked(tgid) != 0
+        && let Some(p) = PROCS.get_ptr_mut(&tgid)
+    {
         unsafe { (*p).execs += 1 };
     }
     0
@@ -453,19 +492,34 @@ fn fd_kind(fd: u64) -> u32 {
     }
 }
 
-/// sys_enter_{read,pread64,readv,preadv,preadv2}: `fd` is the first argument (offset 16).
+/// x86-64 numbers of the read family: read, pread64, readv, preadv, preadv2.
 #[inline(always)]
-fn read_enter(ctx: &TracePointContext) -> i32 {
+fn is_read_syscall(id: u64) -> bool {
+    matches!(id, 0 | 17 | 19 | 295 | 327)
+}
+
+/// Offset of `di` (the first syscall argument) in x86-64 `struct pt_regs`.
+const PT_REGS_DI: u32 = 112;
+
+/// `raw_syscalls:sys_enter(regs, id)` as a BTF tracepoint: no perf record is built, and every
+/// syscall but the read family leaves after one compare.
+#[btf_tracepoint(function = "sys_enter")]
+pub fn sys_enter(ctx: BtfTracePointContext) -> i32 {
+    let id: u64 = ctx.arg(1);
+    if !is_read_syscall(id) {
+        return 0;
+    }
     let pid_tgid = bpf_get_current_pid_tgid();
     let (tid, tgid) = (pid_tgid as u32, (pid_tgid >> 32) as u32);
-    let Some(p) = PROCS.get_ptr(&tgid) else {
+    let role = tracked(tgid);
+    if role == 0 {
         return 0;
-    };
-    let role = unsafe { (*p).role };
-    let fd: u64 = unsafe { ctx.read_at(16) }.unwrap_or(u64::MAX);
+    }
+    let regs: u64 = ctx.arg(0);
+    let fd: u64 = rd::<u64>(regs, PT_REGS_DI).unwrap_or(u64::MAX);
     let kind = fd_kind(fd);
     let now = now_ns();
-    if let Some(t) = thread_entry(tid, tgid, role, now) {
+    if let Some(t) = thread_entry(tid, tgid, role - 1, now) {
         let t = unsafe { &mut *t };
         t.read_kind = kind;
         t.read_start_ns = now;
@@ -473,10 +527,14 @@ fn read_enter(ctx: &TracePointContext) -> i32 {
     0
 }
 
-/// sys_exit_*: the return value is at offset 16.
-#[inline(always)]
-fn read_exit(ctx: &TracePointContext) -> i32 {
-    let tid = bpf_get_current_pid_tgid() as u32;
+/// `raw_syscalls:sys_exit(regs, ret)`: closes the read in progress of a tracked thread.
+#[btf_tracepoint(function = "sys_exit")]
+pub fn sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    if tracked((pid_tgid >> 32) as u32) == 0 {
+        return 0;
+    }
+    let tid = pid_tgid as u32;
     let Some(t) = THREADS.get_ptr_mut(&tid) else {
         return 0;
     };
@@ -486,7 +544,7 @@ fn read_exit(ctx: &TracePointContext) -> i32 {
         return 0;
     }
     t.read_kind = READ_NONE;
-    let ret: i64 = unsafe { ctx.read_at(16) }.unwrap_or(-1);
+    let ret: i64 = ctx.arg(1);
     let lat = now_ns().saturating_sub(t.read_start_ns);
     let bytes = if ret > 0 { ret as u64 } else { 0 };
     if let Some(rs) = ROLE_STATS.get_ptr_mut(t.role) {
@@ -517,73 +575,31 @@ fn read_exit(ctx: &TracePointContext) -> i32 {
     0
 }
 
-#[tracepoint(category = "syscalls", name = "sys_enter_read")]
-pub fn sys_enter_read(ctx: TracePointContext) -> i32 {
-    read_enter(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_read")]
-pub fn sys_exit_read(ctx: TracePointContext) -> i32 {
-    read_exit(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_pread64")]
-pub fn sys_enter_pread64(ctx: TracePointContext) -> i32 {
-    read_enter(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_pread64")]
-pub fn sys_exit_pread64(ctx: TracePointContext) -> i32 {
-    read_exit(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_readv")]
-pub fn sys_enter_readv(ctx: TracePointContext) -> i32 {
-    read_enter(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_readv")]
-pub fn sys_exit_readv(ctx: TracePointContext) -> i32 {
-    read_exit(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_preadv")]
-pub fn sys_enter_preadv(ctx: TracePointContext) -> i32 {
-    read_enter(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_preadv")]
-pub fn sys_exit_preadv(ctx: TracePointContext) -> i32 {
-    read_exit(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_enter_preadv2")]
-pub fn sys_enter_preadv2(ctx: TracePointContext) -> i32 {
-    read_enter(&ctx)
-}
-
-#[tracepoint(category = "syscalls", name = "sys_exit_preadv2")]
-pub fn sys_exit_preadv2(ctx: TracePointContext) -> i32 {
-    read_exit(&ctx)
-}
-
 // ---------------------------------------------------------------------------------------------
 // Block layer: every request on the machine, keyed by `struct request *`
 // ---------------------------------------------------------------------------------------------
 
+/// The `struct request *` argument as a plain number. Loaded from the context directly it is a
+/// typed (trusted) pointer, which the verifier will not let us hash into an array slot.
+#[inline(always)]
+fn rq_arg(ctx: &BtfTracePointContext) -> u64 {
+    unsafe { bpf_probe_read_kernel(ctx.as_ptr() as *const u64) }.unwrap_or(0)
+}
+
 #[inline(always)]
 fn inflight_entry(rq: u64) -> Option<*mut Inflight> {
-    if let Some(e) = INFLIGHT.get_ptr_mut(&rq) {
-        return Some(e);
+    let e = INFLIGHT.get_ptr_mut(inflight_slot(rq))?;
+    let slot = unsafe { &mut *e };
+    if slot.rq != rq {
+        if slot.rq != 0 {
+            drop_event(DROP_INFLIGHT_FULL);
+        }
+        *slot = Inflight {
+            rq,
+            ..Inflight::default()
+        };
     }
-    if INFLIGHT
-        .insert(&rq, &Inflight::default(), BPF_ANY as u64)
-        .is_err()
-    {
-        drop_event(DROP_INFLIGHT_FULL);
-        return None;
-    }
-    INFLIGHT.get_ptr_mut(&rq)
+    Some(e)
 }
 
 /// Submission of a request (`blk_account_io_start`, in the submitter's context): remember which
@@ -593,11 +609,12 @@ fn inflight_entry(rq: u64) -> Option<*mut Inflight> {
 #[btf_tracepoint(function = "block_io_start")]
 pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    let Some(p) = PROCS.get_ptr(&tgid) else {
+    let role = tracked(tgid);
+    if role == 0 {
         return 0;
-    };
-    let role = unsafe { (*p).role };
-    let rq: u64 = ctx.arg(0);
+    }
+    let role = role - 1;
+    let rq = rq_arg(&ctx);
     if let Some(e) = inflight_entry(rq) {
         let e = unsafe { &mut *e };
         e.submit_role = role + 1;
@@ -608,7 +625,7 @@ pub fn block_io_start(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "block_rq_insert")]
 pub fn block_rq_insert(ctx: BtfTracePointContext) -> i32 {
-    let rq: u64 = ctx.arg(0);
+    let rq = rq_arg(&ctx);
     if let Some(e) = inflight_entry(rq) {
         let e = unsafe { &mut *e };
         e.insert_ns = now_ns();
@@ -619,34 +636,18 @@ pub fn block_rq_insert(ctx: BtfTracePointContext) -> i32 {
 
 #[btf_tracepoint(function = "block_rq_issue")]
 pub fn block_rq_issue(ctx: BtfTracePointContext) -> i32 {
-    let rq: u64 = ctx.arg(0);
+    let rq = rq_arg(&ctx);
     if let Some(e) = inflight_entry(rq) {
         unsafe { (*e).issue_ns = now_ns() };
     }
     0
 }
 
-#[inline(always)]
-fn block_hist_add(dev: u32, op: u32, kind: u8, ns: u64) {
-    let key = BlockHistKey {
-        dev,
-        op: op as u8,
-        kind,
-        slot: hist_slot(ns) as u8,
-        _pad: 0,
-    };
-    if let Some(c) = BLOCK_HIST.get_ptr_mut(&key) {
-        unsafe { *c += 1 };
-    } else if BLOCK_HIST.insert(&key, &1, BPF_ANY as u64).is_err() {
-        drop_event(DROP_BLOCK_HIST_FULL);
-    }
-}
-
 /// `block_rq_complete(rq, error, nr_bytes)`, from `blk_update_request`, before the request's
 /// remaining length is updated: `nr_bytes < __data_len` is a partial completion.
 #[btf_tracepoint(function = "block_rq_complete")]
 pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
-    let rq: u64 = ctx.arg(0);
+    let rq = rq_arg(&ctx);
     let error: u64 = ctx.arg(1);
     let nr_bytes: u64 = ctx.arg(2);
     let (error, nr_bytes) = (error & 0xff, nr_bytes & 0xffff_ffff);
@@ -678,10 +679,10 @@ pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
     let stats = match BLOCK_STATS.get_ptr_mut(&key) {
         Some(s) => Some(s),
         None => {
-            if BLOCK_STATS
-                .insert(&key, &BlockStats::default(), BPF_ANY as u64)
-                .is_err()
-            {
+            let Some(zero) = ZERO_BLOCK_STATS.get(0) else {
+                return 0;
+            };
+            if BLOCK_STATS.insert(&key, zero, BPF_ANY as u64).is_err() {
                 drop_event(DROP_BLOCK_STATS_FULL);
             }
             BLOCK_STATS.get_ptr_mut(&key)
@@ -699,21 +700,25 @@ pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
     if error != 0 {
         s.errors += 1;
     }
-    let Some(e) = INFLIGHT.get_ptr(&rq) else {
-        return 0; // issued before we attached: counted, no latency
+    let Some(slot) = INFLIGHT.get_ptr_mut(inflight_slot(rq)) else {
+        return 0;
     };
-    let e = unsafe { *e };
-    let _ = INFLIGHT.remove(&rq);
+    let slot = unsafe { &mut *slot };
+    if slot.rq != rq {
+        return 0; // issued before we attached (or its slot was taken): counted, no latency
+    }
+    let e = *slot;
+    slot.rq = 0;
     if e.issue_ns != 0 && now >= e.issue_ns {
         let lat = now - e.issue_ns;
         s.lat_count += 1;
         s.lat_sum_ns += lat;
-        block_hist_add(dev, op, BLK_HIST_LATENCY, lat);
+        hist_add(&mut s.lat_hist, lat);
         if e.insert_ns != 0 && e.issue_ns >= e.insert_ns {
             let qt = e.issue_ns - e.insert_ns;
             s.queue_count += 1;
             s.queue_sum_ns += qt;
-            block_hist_add(dev, op, BLK_HIST_QUEUE, qt);
+            hist_add(&mut s.queue_hist, qt);
         }
     }
     if e.submit_role != 0 {

@@ -5,8 +5,8 @@ use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result};
 use monitor_common::{
-    BLK_HIST_LATENCY, BLK_HIST_QUEUE, FeederEvent, NUM_DROPS, NUM_FD_KINDS, NUM_ROLES, NUM_STATES,
-    OP_NAMES, ROLE_FEEDER, RoleStats, open_index,
+    FeederEvent, NUM_DROPS, NUM_FD_KINDS, NUM_ROLES, NUM_STATES, OP_NAMES, ROLE_FEEDER, RoleStats,
+    open_index,
 };
 use serde::Serialize;
 
@@ -255,24 +255,10 @@ impl Collector {
                     b.job_count[r] += s.job_count[r];
                     b.job_bytes[r] += s.job_bytes[r];
                 }
+                b.latency.add(&Log2Hist::from_counts(s.lat_hist));
+                b.queue.add(&Log2Hist::from_counts(s.queue_hist));
             }
         }
-        let mut hists = Vec::new();
-        for item in self.kernel.block_hist.iter() {
-            let (key, per_cpu) = item.context("reading BLOCK_HIST")?;
-            hists.push((key, per_cpu.iter().sum::<u64>()));
-        }
-        for (key, n) in hists {
-            let name = self.dev_name(key.dev);
-            let op = OP_NAMES.get(key.op as usize).copied().unwrap_or("other");
-            let b = snap.block.entry((name, op.to_string())).or_default();
-            match key.kind {
-                BLK_HIST_LATENCY => b.latency.add_slot(key.slot as usize, n),
-                BLK_HIST_QUEUE => b.queue.add_slot(key.slot as usize, n),
-                _ => {}
-            }
-        }
-
         for (i, d) in snap.drops.iter_mut().enumerate() {
             *d = self
                 .kernel
@@ -316,7 +302,7 @@ impl Collector {
             snap.procs.insert(pid, p);
         }
         for pid in exited {
-            let _ = self.kernel.procs.remove(&pid);
+            self.kernel.untrack(pid);
             if let Some(p) = snap.procs.get(&pid) {
                 self.retired.insert(pid, p.clone());
             }

@@ -147,12 +147,12 @@ impl GpuPipeline {
             .filter(|p| !p.exited)
             .map(|p| p.pid)
             .collect();
-        self.sample_open_files();
         let Some(sampler) = self.sampler.as_mut() else {
             return Ok(());
         };
-        // NVML calls block (PCIe throughput waits ~20 ms): keep them off the async workers.
+        // Only for the verdict, so only when there is a GPU to give one.
         let readings = tokio::task::block_in_place(|| sampler.poll());
+        self.sample_open_files();
         self.ingest(readings, recorder)
     }
 
@@ -170,10 +170,10 @@ impl GpuPipeline {
             self.selected.extend(job_gpus(&readings, &self.job_pids));
         }
         for r in readings {
-            if let Some(why) = &r.stale {
-                if self.stale.insert(r.info.index, why.clone()).is_none() {
-                    eprintln!("stallmon: GPU {} is stale: {why}", r.info.index);
-                }
+            if let Some(why) = &r.stale
+                && self.stale.insert(r.info.index, why.clone()).is_none()
+            {
+                eprintln!("stallmon: GPU {} is stale: {why}", r.info.index);
             }
             if self.selected.contains(&r.info.index) && !r.samples.is_empty() {
                 let rec = GpuRecord::new(&r.info, source, &r.samples);
@@ -200,6 +200,17 @@ impl GpuPipeline {
                 continue;
             };
             for fd in dir.flatten() {
+                let Ok(target) = std::fs::read_link(fd.path()) else {
+                    continue;
+                };
+                let t = target.to_string_lossy();
+                if !t.starts_with('/')
+                    || ["/dev/", "/proc/", "/sys/", "/usr/lib", "/lib"]
+                        .iter()
+                        .any(|p| t.starts_with(p))
+                {
+                    continue;
+                }
                 // Only files open for reading (the dataset), not logs or checkpoints being
                 // written: the access mode in fdinfo's octal flags is O_RDONLY (0).
                 let info = std::fs::read_to_string(format!(
@@ -213,17 +224,6 @@ impl GpuPipeline {
                     .and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
                     .is_some_and(|f| f & 3 == 0);
                 if !read_only {
-                    continue;
-                }
-                let Ok(target) = std::fs::read_link(fd.path()) else {
-                    continue;
-                };
-                let t = target.to_string_lossy();
-                if !t.starts_with('/')
-                    || ["/dev/", "/proc/", "/sys/", "/usr/lib", "/lib"]
-                        .iter()
-                        .any(|p| t.starts_with(p))
-                {
                     continue;
                 }
                 if let Some(parent) = target.parent() {

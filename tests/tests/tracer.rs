@@ -115,7 +115,7 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
         Command::new(&py)
             .arg(&script)
             .args([
-                "--count", "6000", "--delay", "2", "--linger", "60", "--file",
+                "--count", "6000", "--delay", "4", "--linger", "60", "--file",
             ])
             .arg(&file)
             .arg("--report")

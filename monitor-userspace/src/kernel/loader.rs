@@ -6,7 +6,7 @@ use aya::{
     maps::{Array, HashMap, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{BtfTracePoint, TracePoint},
 };
-use monitor_common::{BlockHistKey, BlockKey, BlockStats, Config, ProcInfo, RoleStats, ThreadInfo};
+use monitor_common::{BlockKey, BlockStats, Config, ProcInfo, RoleStats, ThreadInfo};
 
 use super::offsets;
 
@@ -37,58 +37,20 @@ pub const TRACEPOINTS: &[(&str, Attach)] = &[
     ("block_rq_insert", Attach::Btf("block_rq_insert")),
     ("block_rq_issue", Attach::Btf("block_rq_issue")),
     ("block_rq_complete", Attach::Btf("block_rq_complete")),
-    (
-        "sys_enter_read",
-        Attach::Classic("syscalls", "sys_enter_read"),
-    ),
-    (
-        "sys_exit_read",
-        Attach::Classic("syscalls", "sys_exit_read"),
-    ),
-    (
-        "sys_enter_pread64",
-        Attach::Classic("syscalls", "sys_enter_pread64"),
-    ),
-    (
-        "sys_exit_pread64",
-        Attach::Classic("syscalls", "sys_exit_pread64"),
-    ),
-    (
-        "sys_enter_readv",
-        Attach::Classic("syscalls", "sys_enter_readv"),
-    ),
-    (
-        "sys_exit_readv",
-        Attach::Classic("syscalls", "sys_exit_readv"),
-    ),
-    (
-        "sys_enter_preadv",
-        Attach::Classic("syscalls", "sys_enter_preadv"),
-    ),
-    (
-        "sys_exit_preadv",
-        Attach::Classic("syscalls", "sys_exit_preadv"),
-    ),
-    (
-        "sys_enter_preadv2",
-        Attach::Classic("syscalls", "sys_enter_preadv2"),
-    ),
-    (
-        "sys_exit_preadv2",
-        Attach::Classic("syscalls", "sys_exit_preadv2"),
-    ),
+    ("sys_enter", Attach::Btf("sys_enter")),
+    ("sys_exit", Attach::Btf("sys_exit")),
 ];
 
 /// The loaded, attached programs and their maps.
 pub struct Kernel {
     // Keeps the programs and their links alive.
     ebpf: Ebpf,
+    pub tracked: Array<MapData, u32>,
     pub procs: HashMap<MapData, u32, ProcInfo>,
     pub threads: HashMap<MapData, u32, ThreadInfo>,
     pub role_stats: PerCpuArray<MapData, RoleStats>,
     pub role_open: Array<MapData, u64>,
     pub block_stats: PerCpuHashMap<MapData, BlockKey, BlockStats>,
-    pub block_hist: PerCpuHashMap<MapData, BlockHistKey, u64>,
     pub drops: PerCpuArray<MapData, u64>,
     pub feeder_events: RingBuf<MapData>,
 }
@@ -126,8 +88,10 @@ impl Kernel {
         };
         let btf =
             Btf::from_sys_fs().context("cannot load kernel BTF from /sys/kernel/btf/vmlinux")?;
+        let pid_slots = pid_max()?;
         let mut ebpf = EbpfLoader::new()
             .btf(&btf)
+            .map_max_entries("TRACKED", pid_slots)
             .override_global("CONFIG", &config, true)
             .load(OBJECT)
             .map_err(explain_load_error)?;
@@ -155,12 +119,12 @@ impl Kernel {
         }
 
         Ok(Self {
+            tracked: take(&mut ebpf, "TRACKED")?,
             procs: take(&mut ebpf, "PROCS")?,
             threads: take(&mut ebpf, "THREADS")?,
             role_stats: take(&mut ebpf, "ROLE_STATS")?,
             role_open: take(&mut ebpf, "ROLE_OPEN")?,
             block_stats: take(&mut ebpf, "BLOCK_STATS")?,
-            block_hist: take(&mut ebpf, "BLOCK_HIST")?,
             drops: take(&mut ebpf, "DROPS")?,
             feeder_events: take(&mut ebpf, "FEEDER_EVENTS")?,
             ebpf,
@@ -175,7 +139,10 @@ impl Kernel {
             ..ProcInfo::default()
         };
         match self.procs.insert(&tgid, &info, 1 /* BPF_NOEXIST */) {
-            Ok(()) => Ok(()),
+            Ok(()) => self
+                .tracked
+                .set(tgid, &(role + 1), 0)
+                .with_context(|| format!("cannot track pid {tgid} (above pid_max?)")),
             Err(aya::maps::MapError::SyscallError(e))
                 if e.io_error.raw_os_error() == Some(libc::EEXIST) =>
             {
@@ -185,6 +152,12 @@ impl Kernel {
         }
     }
 
+    /// Forgets an exited process (its final counters have been read).
+    pub fn untrack(&mut self, tgid: u32) {
+        let _ = self.procs.remove(&tgid);
+        let _ = self.tracked.set(tgid, &0, 0);
+    }
+
     /// Program ids (for `bpf_stats` run-time accounting in the benchmark).
     pub fn program_ids(&self) -> Vec<(String, u32)> {
         self.ebpf
@@ -192,6 +165,16 @@ impl Kernel {
             .filter_map(|(name, p)| p.info().ok().map(|i| (name.to_string(), i.id())))
             .collect()
     }
+}
+
+/// The kernel's pid_max: the size of the pid-indexed TRACKED array.
+fn pid_max() -> Result<u32> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/pid_max")
+        .context("reading /proc/sys/kernel/pid_max")?;
+    raw.trim()
+        .parse::<u32>()
+        .context("parsing /proc/sys/kernel/pid_max")
+        .map(|n| n.max(1024))
 }
 
 /// Turns the most common load failure into advice.
