@@ -102,7 +102,9 @@ pub fn attach_point(attach: Attach) -> Result<String> {
             }
         }
         Attach::Btf(name) => {
-            let btf = btf_rs::Btf::from_file(offsets::btf_path())?;
+            let path = offsets::btf_path();
+            let btf = btf_rs::Btf::from_file_with_backend(&path, btf_rs::Backend::Mmap)
+                .or_else(|_| btf_rs::Btf::from_file(&path))?;
             if btf
                 .resolve_ids_by_name(&format!("btf_trace_{name}"))
                 .is_ok()

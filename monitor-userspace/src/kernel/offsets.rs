@@ -102,12 +102,15 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets> {
 /// Loads the running kernel's BTF and resolves the offsets.
 pub fn resolve_running_kernel() -> Result<KernelOffsets> {
     let path = btf_path();
-    let btf = Btf::from_file(&path).with_context(|| {
-        format!(
-            "cannot read kernel BTF at {} (CONFIG_DEBUG_INFO_BTF=y is required)",
-            path.display()
-        )
-    })?;
+    // The mmap backend parses lazily: a full parse of vmlinux BTF costs ~40 MB of peak RSS.
+    let btf = Btf::from_file_with_backend(&path, btf_rs::Backend::Mmap)
+        .or_else(|_| Btf::from_file(&path))
+        .with_context(|| {
+            format!(
+                "cannot read kernel BTF at {} (CONFIG_DEBUG_INFO_BTF=y is required)",
+                path.display()
+            )
+        })?;
     resolve(&btf)
 }
 
