@@ -2066,7 +2066,7 @@ fn render_doc(
     );
     let _ = writeln!(
         out,
-        "## Method\n\n\
+        "Why the missed goals are missed, and what was changed to reach the others: [performance.md](performance.md).\n\n## Method\n\n\
 - **Interleaved and repeated.** Each round runs every variant once, in an order rotated from \
 round to round; a variant's overhead is computed per round against the same round's baseline \
 (`variant / baseline - 1`, so +1% means 1% slower), and the reported overhead is the median over \
