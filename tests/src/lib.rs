@@ -57,6 +57,24 @@ pub fn python() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
+/// Creates (or reuses) the dataset of `tests/workloads/loader.py`: `files` files of `kib` KiB of
+/// random bytes under `data`.
+pub fn loader_dataset(data: &Path, files: u32, kib: u32) {
+    let status = Command::new(python())
+        .arg(workload("loader.py"))
+        .args(["--create", "--report", "/dev/null"])
+        .args(["--files", &files.to_string(), "--kib", &kib.to_string()])
+        .arg("--data")
+        .arg(data)
+        .status()
+        .expect("running loader.py --create");
+    assert!(
+        status.success(),
+        "creating the dataset under {}",
+        data.display()
+    );
+}
+
 /// Fails the test (never skips) unless this machine can run privileged tracing tests.
 pub fn require_privileged() {
     // SAFETY: trivial libc call.

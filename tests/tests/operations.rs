@@ -51,22 +51,7 @@ fn every_dashboard_panel_returns_data_from_a_live_stallmon() {
     let data = dir.join("data");
     let gpu_file = dir.join("gpu.timeline");
     std::fs::write(&gpu_file, "").unwrap();
-    let st = Command::new(python())
-        .arg(workload("loader.py"))
-        .args([
-            "--create",
-            "--files",
-            "16",
-            "--kib",
-            "64",
-            "--report",
-            "/dev/null",
-            "--data",
-        ])
-        .arg(&data)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    tests::loader_dataset(&data, 16, 64);
     let py = python();
     let args = [
         "--interval".to_string(),

@@ -272,22 +272,7 @@ fn process_tree(start_method: &str) {
     let _ = std::fs::remove_file(&report);
     let py = python();
     let script = workload("loader.py");
-    let st = Command::new(&py)
-        .arg(&script)
-        .args([
-            "--create",
-            "--files",
-            "32",
-            "--kib",
-            "64",
-            "--report",
-            "/dev/null",
-            "--data",
-        ])
-        .arg(&data)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    tests::loader_dataset(&data, 32, 64);
     let (py_s, script_s, data_s, report_s) = (
         py.to_str().unwrap(),
         script.to_str().unwrap(),
@@ -464,22 +449,7 @@ fn thread_states_follow_the_bottleneck() {
     require_privileged();
     let dir = scratch_dir("states");
     let data = dir.join("data");
-    let st = Command::new(python())
-        .arg(workload("loader.py"))
-        .args([
-            "--create",
-            "--files",
-            "24",
-            "--kib",
-            "256",
-            "--report",
-            "/dev/null",
-            "--data",
-        ])
-        .arg(&data)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    tests::loader_dataset(&data, 24, 256);
 
     // 6 MiB through a 2 MiB/s disk: ~3 s of reading.
     drop_caches();
@@ -552,22 +522,7 @@ fn prometheus_scrapes_every_metric() {
     require_privileged();
     let dir = scratch_dir("prom");
     let data = dir.join("data");
-    let st = Command::new(python())
-        .arg(workload("loader.py"))
-        .args([
-            "--create",
-            "--files",
-            "16",
-            "--kib",
-            "64",
-            "--report",
-            "/dev/null",
-            "--data",
-        ])
-        .arg(&data)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    tests::loader_dataset(&data, 16, 64);
     let report = dir.join("report.json");
     let py = python();
     let args = [
@@ -647,6 +602,20 @@ fn stderr_of(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
+/// Runs `stallmon trace --listen 127.0.0.1:0 -- true` with `env` set and asserts a one-line
+/// error containing `needle` and exit status 1.
+fn expect_trace_error(env: (&str, &str), needle: &str) {
+    let o = Command::new(stallmon_bin())
+        .args(["trace", "--listen", "127.0.0.1:0", "--", "true"])
+        .env(env.0, env.1)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1));
+    let e = stderr_of(&o);
+    assert!(e.contains(needle), "{e}");
+    assert_eq!(e.trim().lines().count(), 1, "{e}");
+}
+
 #[test]
 fn unknown_pid_is_a_clear_error() {
     require_privileged();
@@ -674,28 +643,13 @@ fn non_root_is_a_clear_error() {
 #[test]
 fn missing_btf_and_tracefs_are_clear_errors() {
     require_privileged();
-    let o = Command::new(stallmon_bin())
-        .args(["trace", "--listen", "127.0.0.1:0", "--", "true"])
-        .env("STALLMON_BTF_PATH", "/nonexistent/vmlinux")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(
-        e.contains("kernel BTF not found at /nonexistent/vmlinux"),
-        "{e}"
+    expect_trace_error(
+        ("STALLMON_BTF_PATH", "/nonexistent/vmlinux"),
+        "kernel BTF not found at /nonexistent/vmlinux",
     );
-
-    let o = Command::new(stallmon_bin())
-        .args(["trace", "--listen", "127.0.0.1:0", "--", "true"])
-        .env("STALLMON_TRACEFS", "/nonexistent/tracing")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(
-        e.contains("tracefs is not mounted at /nonexistent/tracing"),
-        "{e}"
+    expect_trace_error(
+        ("STALLMON_TRACEFS", "/nonexistent/tracing"),
+        "tracefs is not mounted at /nonexistent/tracing",
     );
 
     // `stallmon check` reports the same as FAIL lines and exits non-zero.
