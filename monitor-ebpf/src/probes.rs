@@ -294,7 +294,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     let next: u64 = ctx.arg(2);
     let prev_state: u64 = ctx.arg(3);
     let prev_state = prev_state as u32;
-    let now = now_ns();
+    // The clock is read only when a tracked task is involved: this runs on every context switch
+    // of the machine.
+    let mut now = 0;
 
     // prev is the current task.
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -302,6 +304,7 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
     if tracked(tgid) != 0
         && let Some(p) = PROCS.get_ptr(&tgid)
     {
+        now = now_ns();
         let p = unsafe { &*p };
         let existing = THREADS.get_ptr_mut(&tid);
         let t = match existing {
@@ -326,6 +329,9 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         && let Some(t) = THREADS.get_ptr_mut(&next_tid)
     {
         let t = unsafe { &mut *t };
+        if now == 0 {
+            now = now_ns();
+        }
         close_interval(t, now);
         set_state(t, next_tid, STATE_ON_CPU, now);
     }
