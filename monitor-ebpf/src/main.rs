@@ -1,37 +1,26 @@
-//! stallmon's kernel programs.
+//! stallmon's kernel programs (built for `bpfel-unknown-none` only; see `probes`).
 //!
 //! Three families of probes, all feeding fixed-size maps that user space reads on its own clock:
+//! the block layer (every request on the machine: latency and queue-time histograms per device
+//! and operation), the jobs' process trees (fork/exec/exit, followed live), and the jobs' threads
+//! (`sched_switch`: the time each thread spends in each state, and why a blocked thread waits,
+//! read from its saved syscall registers). `--syscalls` adds exact per-call read latency.
 //!
-//! * block layer (`tp_btf/block_*`): every request on the machine, keyed in flight by its
-//!   `struct request *`, giving per-device, per-operation latency and queue-time histograms;
-//! * the job (`tp_btf/sched_process_fork`, `sched_process_exit`, `sched_process_exec`): the target
-//!   process and every process it forks, followed live;
-//! * the job's threads (`tp_btf/sched_switch`, `syscalls/sys_{enter,exit}_*read*`): read-syscall
-//!   latency and bytes by role and fd kind, and the time each thread spends in each state.
-//!
-//! Rules: untracked tasks leave after one map lookup; no per-event ring-buffer traffic except the
-//! feeder thread's state changes (one thread); every failed insert is counted in `DROPS`.
-#![cfg_attr(target_arch = "bpf", no_std)]
-#![cfg_attr(target_arch = "bpf", no_main)]
-#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
-#![cfg_attr(target_arch = "bpf", allow(internal_features))]
+//! Rules: untracked tasks leave after one inlined array load; nothing per I/O or per syscall goes
+//! through a ring buffer (only feeder threads' state changes and job processes' exec/exit); every
+//! failed insert, collision or failed read is counted in `DROPS`.
+#![no_std]
+#![no_main]
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
-#[cfg(target_arch = "bpf")]
 mod probes;
 
-#[cfg(not(target_arch = "bpf"))]
-fn main() {
-    // The kernel programs only exist for the BPF target; this keeps host builds of the workspace
-    // (clippy, tests) working.
-}
-
-#[cfg(target_arch = "bpf")]
 #[panic_handler]
 fn panic(_info: &core::panic::PanicInfo) -> ! {
     loop {}
 }
 
-#[cfg(target_arch = "bpf")]
 #[unsafe(link_section = "license")]
 #[unsafe(no_mangle)]
 static LICENSE: [u8; 4] = *b"GPL\0";
