@@ -47,8 +47,11 @@ pub const STATE_ON_CPU: u32 = 0;
 pub const STATE_STORAGE_WAIT: u32 = 1;
 pub const STATE_IPC_WAIT: u32 = 2;
 pub const STATE_OTHER_WAIT: u32 = 3;
-pub const NUM_STATES: usize = 4;
-pub const STATE_NAMES: [&str; NUM_STATES] = ["on_cpu", "storage_wait", "ipc_wait", "other_wait"];
+/// Runnable but not running: preempted, or not yet run after fork (waiting for a CPU).
+pub const STATE_CPU_WAIT: u32 = 4;
+pub const NUM_STATES: usize = 5;
+pub const STATE_NAMES: [&str; NUM_STATES] =
+    ["on_cpu", "storage_wait", "ipc_wait", "other_wait", "cpu_wait"];
 /// Feeder event state: the feeder thread exited (attribution treats it as unknown -> other).
 pub const STATE_EXITED: u32 = u32::MAX;
 

@@ -13,25 +13,11 @@ impl Log2Hist {
         Self { counts }
     }
 
-    pub fn add(&mut self, other: &Self) {
-        for (a, b) in self.counts.iter_mut().zip(other.counts.iter()) {
-            *a += b;
-        }
-    }
-
+    #[cfg(test)]
     pub fn add_slot(&mut self, slot: usize, n: u64) {
         if let Some(c) = self.counts.get_mut(slot.min(HIST_SLOTS - 1)) {
             *c += n;
         }
-    }
-
-    /// Counts accumulated since `earlier` (saturating: a counter never goes backwards).
-    pub fn since(&self, earlier: &Self) -> Self {
-        let mut out = *self;
-        for (a, b) in out.counts.iter_mut().zip(earlier.counts.iter()) {
-            *a = a.saturating_sub(*b);
-        }
-        out
     }
 
     pub fn total(&self) -> u64 {
@@ -69,32 +55,6 @@ impl Log2Hist {
             seen += c;
         }
         Some(slot_upper_seconds(HIST_SLOTS - 1))
-    }
-
-    /// Slots holding the central `mass` of the observations: (first slot, last slot).
-    pub fn central_slots(&self, mass: f64) -> Option<(usize, usize)> {
-        let total = self.total();
-        if total == 0 {
-            return None;
-        }
-        let tail = (1.0 - mass.clamp(0.0, 1.0)) / 2.0 * total as f64;
-        let mut seen = 0u64;
-        let mut first = None;
-        let mut last = 0;
-        for (i, &c) in self.counts.iter().enumerate() {
-            let before = seen as f64;
-            seen += c;
-            if c == 0 {
-                continue;
-            }
-            if first.is_none() && seen as f64 > tail {
-                first = Some(i);
-            }
-            if before < total as f64 - tail {
-                last = i;
-            }
-        }
-        first.map(|f| (f, last.max(f)))
     }
 
     /// Cumulative Prometheus buckets `(le seconds, count)` for every slot; `+Inf` is the total.
@@ -157,9 +117,6 @@ mod tests {
         let b = h.cumulative_buckets();
         assert_eq!(b.last().unwrap().1, 100);
         assert!(b.windows(2).all(|w| w[0].1 <= w[1].1 && w[0].0 < w[1].0));
-        let (lo, hi) = h.central_slots(0.9).unwrap();
-        assert_eq!(lo, hist_slot(65_000));
-        assert!(hi <= hist_slot(5_000_000));
     }
 
     #[test]

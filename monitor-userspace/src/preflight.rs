@@ -4,7 +4,7 @@ use std::path::Path;
 
 use anyhow::{Result, bail};
 
-use crate::kernel::{TRACEPOINTS, loader::Attach, offsets};
+use crate::kernel::{LoadOptions, PROGRAMS, Program, offsets};
 
 pub const TRACEFS: &str = "/sys/kernel/tracing";
 
@@ -83,37 +83,20 @@ pub fn tracefs(mount_if_missing: bool) -> Result<String> {
     bail!("tracefs is not mounted at {shown}: run `mount -t tracefs nodev {shown}` as root")
 }
 
-/// Whether the running kernel offers an attach point.
-pub fn attach_point(attach: Attach) -> Result<String> {
-    match attach {
-        Attach::Classic(cat, name) => {
-            let p = Path::new(TRACEFS)
-                .join("events")
-                .join(cat)
-                .join(name)
-                .join("id");
-            if p.exists() {
-                Ok(format!("tracepoint {cat}:{name}"))
-            } else {
-                bail!(
-                    "tracepoint {cat}:{name} not found in {}/events (kernel too old, or CONFIG_FTRACE_SYSCALLS off)",
-                    tracefs_path().display()
-                )
-            }
-        }
-        Attach::Btf(name) => {
-            let path = offsets::btf_path();
-            let btf = btf_rs::Btf::from_file_with_backend(&path, btf_rs::Backend::Mmap)
-                .or_else(|_| btf_rs::Btf::from_file(&path))?;
-            if btf
-                .resolve_ids_by_name(&format!("btf_trace_{name}"))
-                .is_ok()
-            {
-                Ok(format!("BTF tracepoint tp_btf/{name}"))
-            } else {
-                bail!("BTF tracepoint {name} not in this kernel's BTF")
-            }
-        }
+/// Whether the running kernel offers a program's BTF tracepoint.
+pub fn attach_point(p: &Program) -> Result<String> {
+    let btf = offsets::open_btf()?;
+    if btf
+        .resolve_ids_by_name(&format!("btf_trace_{}", p.tracepoint))
+        .is_ok()
+    {
+        Ok(format!(
+            "BTF tracepoint tp_btf/{}{}",
+            p.tracepoint,
+            if p.syscalls_only { " (--syscalls)" } else { "" }
+        ))
+    } else {
+        bail!("BTF tracepoint {} not in this kernel's BTF", p.tracepoint)
     }
 }
 
@@ -126,7 +109,7 @@ pub struct CheckItem {
 }
 
 /// Runs every check; `load` also loads and attaches the programs once (the verifier's verdict).
-pub fn run_all(load: bool) -> Vec<CheckItem> {
+pub fn run_all(load: bool, nvml_lib: Option<&Path>) -> Vec<CheckItem> {
     let mut items = vec![
         CheckItem {
             name: "privileges".into(),
@@ -144,43 +127,55 @@ pub fn run_all(load: bool) -> Vec<CheckItem> {
             required: true,
         },
     ];
-    for (prog, attach) in TRACEPOINTS {
+    for p in PROGRAMS {
         items.push(CheckItem {
-            name: format!("attach point for {prog}"),
-            result: attach_point(*attach),
-            required: true,
+            name: format!("attach point for {}", p.name),
+            result: attach_point(p),
+            required: !p.syscalls_only,
         });
     }
     if load && items.iter().all(|i| i.result.is_ok()) {
         items.push(CheckItem {
             name: "load and attach".into(),
-            result: crate::kernel::Kernel::load(0).map(|_| {
+            result: crate::kernel::Kernel::load(LoadOptions {
+                syscalls: true,
+                slots: 1,
+            })
+            .map(|_| {
                 format!(
-                    "{} programs loaded and attached, then detached",
-                    TRACEPOINTS.len()
+                    "{} programs loaded and attached (with --syscalls), then detached",
+                    PROGRAMS.len()
                 )
-            }),
+            })
+            .map_err(Into::into),
             required: true,
         });
     }
     items.push(CheckItem {
         name: "NVML".into(),
-        result: nvml(),
+        result: nvml(nvml_lib),
         required: false,
     });
     items
 }
 
 /// Whether NVML can be initialised (the driver's libnvidia-ml.so and a GPU).
-pub fn nvml() -> Result<String> {
-    match nvml_wrapper::Nvml::init() {
-        Ok(n) => {
-            let count = n.device_count().unwrap_or(0);
-            Ok(format!("NVML initialised, {count} GPU(s)"))
-        }
-        Err(e) => bail!(
-            "NVML unavailable ({e}): GPU attribution disabled, I/O tracing works; install the NVIDIA driver (libnvidia-ml.so) on GPU hosts"
-        ),
+pub fn nvml(lib: Option<&Path>) -> Result<String> {
+    let opts = crate::gpu::GpuOptions {
+        lib_path: lib.map(Path::to_path_buf),
+        select: None,
+    };
+    match crate::gpu::NvmlSampler::new(&opts) {
+        Ok(s) => Ok(format!(
+            "NVML initialised, {} GPU(s){}",
+            s.indices().len(),
+            if s.source() == "simulated" {
+                " (the stand-in library: simulated)"
+            } else {
+                ""
+            }
+        )),
+        Err(e) => bail!("{e}: GPU attribution disabled, I/O tracing works"),
     }
 }
 
@@ -189,19 +184,19 @@ pub fn report(items: &[CheckItem]) -> i32 {
     let mut failed = false;
     for i in items {
         match &i.result {
-            Ok(msg) => println!("PASS  {:<34} {msg}", i.name),
+            Ok(msg) => crate::console::out(&format!("PASS  {:<34} {msg}\n", i.name)),
             Err(e) if i.required => {
                 failed = true;
-                println!("FAIL  {:<34} {e:#}", i.name);
+                crate::console::out(&format!("FAIL  {:<34} {e:#}\n", i.name));
             }
-            Err(e) => println!("WARN  {:<34} {e:#}", i.name),
+            Err(e) => crate::console::out(&format!("WARN  {:<34} {e:#}\n", i.name)),
         }
     }
     if failed {
-        println!("stallmon cannot trace on this machine: fix the FAIL lines above");
+        crate::console::out("stallmon cannot trace on this machine: fix the FAIL lines above\n");
         1
     } else {
-        println!("stallmon can trace on this machine");
+        crate::console::out("stallmon can trace on this machine\n");
         0
     }
 }

@@ -129,7 +129,7 @@ pub fn drop_capabilities_after_attach() -> Result<()> {
     let before = current_capabilities()?;
     drop_all_except(&keep)?;
     let after = current_capabilities()?;
-    log::info!(
+    tracing::debug!(
         "dropped capabilities (kernel {:?}, unprivileged_bpf_disabled={:?}): {} -> {}",
         facts.version,
         facts.unprivileged_bpf_disabled,
@@ -162,7 +162,7 @@ pub fn drop_all_except(keep: &CapsHashSet) -> Result<()> {
                     .with_context(|| format!("dropping {cap} from the bounding set"))?;
             }
         } else {
-            log::debug!(
+            tracing::debug!(
                 "bounding set left as it is (no CAP_SETPCAP); it only limits what a later \
                  execve could gain"
             );

@@ -1,122 +1,200 @@
-//! The record file: JSON lines for offline analysis (`stallmon report`). One `header` line, then
-//! per interval one `interval` line with per-process and per-role deltas, the attribution inputs
-//! (`feeder`, `worker_slice`, `gpu` lines), and a final `summary` line. Flushed every interval,
-//! so a killed tracer loses at most one interval.
+//! Writing the record file (`--record`), safely: stallmon is root and the path may sit in a
+//! directory a job's user controls.
+//!
+//! - The file is created new (`O_CREAT|O_EXCL|O_NOFOLLOW`, mode 0600: its job lines hold command
+//!   lines, passwords included); an existing path is refused, never truncated. With
+//!   `--record-append` an existing file is appended to, but only a regular file owned by
+//!   stallmon's user, opened without following links and checked on the open descriptor.
+//! - Nothing but a regular file: FIFOs, devices and sockets are refused at start (a FIFO with no
+//!   reader would otherwise block forever).
+//! - Every problem is found before the job starts; once tracing, a write that fails (disk full)
+//!   is counted (`stallmon_record_errors_total`), said once, and tracing goes on.
+//! - Each interval line is flushed and synced to disk when written: a crash loses at most the
+//!   interval in progress.
 use std::{
-    collections::BTreeMap,
     fs::File,
     io::{BufWriter, Write},
-    path::Path,
+    os::unix::fs::{MetadataExt, OpenOptionsExt},
+    path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result};
-use monitor_common::{NUM_FD_KINDS, NUM_STATES, ROLE_NAMES};
-use serde::Serialize;
-use serde_json::json;
+use crate::schema::record::Line;
 
-use crate::collector::Snapshot;
+#[derive(Debug, thiserror::Error)]
+pub enum RecordError {
+    #[error(
+        "record file {0}: already exists (stallmon never overwrites a file; pick a new name, or add --record-append to append to a record it wrote)"
+    )]
+    Exists(PathBuf),
+    #[error("record file {0}: {1}")]
+    Open(PathBuf, std::io::Error),
+    #[error("record file {0}: not a regular file ({1}); refusing to write there")]
+    NotRegular(PathBuf, &'static str),
+    #[error(
+        "record file {0}: owned by uid {1}, not by stallmon's user (uid {2}); refusing to append"
+    )]
+    Owner(PathBuf, u32, u32),
+    #[error("record file {0}: is a symbolic link; refusing to follow it")]
+    Symlink(PathBuf),
+}
 
+fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    let t = meta.file_type();
+    if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_char_device() {
+        "a character device"
+    } else if t.is_block_device() {
+        "a block device"
+    } else if t.is_socket() {
+        "a socket"
+    } else if t.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Opens the record file (see the module documentation for the rules).
+pub fn open(path: &Path, append: bool) -> Result<File, RecordError> {
+    let p = path.to_path_buf();
+    let mut opts = std::fs::OpenOptions::new();
+    // O_NONBLOCK: opening a FIFO must not wait for a reader (it is refused right after).
+    opts.custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+        .mode(0o600);
+    if append {
+        opts.append(true).create(true);
+    } else {
+        opts.write(true).create_new(true);
+    }
+    let file = opts.open(path).map_err(|e| match e.raw_os_error() {
+        Some(libc::EEXIST) => RecordError::Exists(p.clone()),
+        Some(libc::ELOOP) => RecordError::Symlink(p.clone()),
+        Some(libc::ENXIO) => RecordError::NotRegular(p.clone(), "a FIFO with no reader"),
+        _ => RecordError::Open(p.clone(), e),
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|e| RecordError::Open(p.clone(), e))?;
+    if !meta.file_type().is_file() {
+        return Err(RecordError::NotRegular(p, kind_of(&meta)));
+    }
+    // SAFETY: trivial libc call.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(RecordError::Owner(p, meta.uid(), me));
+    }
+    // Back to blocking writes.
+    // SAFETY: valid fd; flags read and written back without O_NONBLOCK.
+    unsafe {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK);
+    }
+    // Appending to an older, more permissive file: tighten it.
+    let _ = file.set_permissions(std::os::unix::fs::PermissionsExt::from_mode(0o600));
+    Ok(file)
+}
+
+/// The record file being written.
 pub struct Recorder {
     out: BufWriter<File>,
-}
-
-#[derive(Serialize)]
-struct ProcDelta<'a> {
-    pid: u32,
-    role: &'static str,
-    parent: u32,
-    comm: &'a str,
-    exited: bool,
-    state_ns: [u64; NUM_STATES],
-    read_count: [u64; NUM_FD_KINDS],
-    read_bytes: [u64; NUM_FD_KINDS],
-    read_ns: [u64; NUM_FD_KINDS],
-    blk_bytes: u64,
-}
-
-fn sub<const N: usize>(a: [u64; N], b: Option<[u64; N]>) -> [u64; N] {
-    let b = b.unwrap_or([0; N]);
-    std::array::from_fn(|i| a[i].saturating_sub(b[i]))
+    path: PathBuf,
+    errors: u64,
 }
 
 impl Recorder {
-    pub fn create(path: &Path) -> Result<Self> {
-        let f = File::create(path)
-            .with_context(|| format!("cannot create record file {}", path.display()))?;
-        Ok(Self {
-            out: BufWriter::new(f),
-        })
-    }
-
-    pub fn line<T: Serialize>(&mut self, v: &T) -> Result<()> {
-        serde_json::to_writer(&mut self.out, v)?;
-        self.out.write_all(b"\n")?;
-        Ok(())
-    }
-
-    /// Per-process and per-role deltas between two snapshots.
-    pub fn interval(&mut self, prev: Option<&Snapshot>, cur: &Snapshot) -> Result<()> {
-        let mut procs = Vec::new();
-        for p in cur.procs.values() {
-            let before = prev.and_then(|s| s.procs.get(&p.pid));
-            if before.is_some_and(|b| b.exited) {
-                continue; // already reported as exited
-            }
-            procs.push(ProcDelta {
-                pid: p.pid,
-                role: ROLE_NAMES.get(p.role as usize).copied().unwrap_or("worker"),
-                parent: p.parent,
-                comm: &p.comm,
-                exited: p.exited,
-                state_ns: sub(p.state_ns, before.map(|b| b.state_ns)),
-                read_count: sub(p.read_count, before.map(|b| b.read_count)),
-                read_bytes: sub(p.read_bytes, before.map(|b| b.read_bytes)),
-                read_ns: sub(p.read_ns, before.map(|b| b.read_ns)),
-                blk_bytes: p
-                    .blk_bytes
-                    .saturating_sub(before.map_or(0, |b| b.blk_bytes)),
-            });
+    pub fn new(file: File, path: &Path) -> Self {
+        Self {
+            out: BufWriter::new(file),
+            path: path.to_path_buf(),
+            errors: 0,
         }
-        let mut roles = BTreeMap::new();
-        for (r, name) in ROLE_NAMES.iter().enumerate() {
-            let c = &cur.roles[r];
-            let b = prev.map(|s| &s.roles[r]);
-            roles.insert(
-                *name,
-                json!({
-                    "state_ns": sub(c.state_ns, b.map(|b| b.state_ns)),
-                    "read_bytes": sub(c.read.map(|x| x.bytes), b.map(|b| b.read.map(|x| x.bytes))),
-                    "read_count": sub(c.read.map(|x| x.count), b.map(|b| b.read.map(|x| x.count))),
-                    "processes": c.processes,
-                }),
+    }
+
+    fn failed(&mut self, e: std::io::Error) {
+        if self.errors == 0 {
+            tracing::error!(
+                "writing the record file {} failed ({e}); tracing goes on, failures are counted in stallmon_record_errors_total",
+                self.path.display()
             );
         }
-        let mut block = Vec::new();
-        for ((dev, op), c) in &cur.block {
-            let b = prev.and_then(|s| s.block.get(&(dev.clone(), op.clone())));
-            let lat = c.latency.since(&b.map(|b| b.latency).unwrap_or_default());
-            block.push(json!({
-                "device": dev, "op": op,
-                "requests": c.count - b.map_or(0, |b| b.count),
-                "bytes": c.bytes - b.map_or(0, |b| b.bytes),
-                "latency_p50_s": lat.quantile(0.5),
-                "latency_p99_s": lat.quantile(0.99),
-            }));
-        }
-        let line = json!({
-            "type": "interval",
-            "mono_ns": cur.mono_ns,
-            "dt_ns": prev.map_or(0, |p| cur.mono_ns.saturating_sub(p.mono_ns)),
-            "roles": roles,
-            "block": block,
-            "procs": procs,
-            "drops": cur.drops,
-        });
-        self.line(&line)?;
-        self.flush()
+        self.errors += 1;
     }
 
-    pub fn flush(&mut self) -> Result<()> {
-        self.out.flush().context("writing the record file")
+    /// Writes one line (buffered). A failure is counted, never returned.
+    pub fn line(&mut self, line: &Line) {
+        let r = serde_json::to_writer(&mut self.out, line)
+            .map_err(std::io::Error::other)
+            .and_then(|()| self.out.write_all(b"\n"));
+        if let Err(e) = r {
+            self.failed(e);
+        }
+    }
+
+    /// Flushes and syncs what was written: it survives a crash from now on.
+    pub fn sync(&mut self) {
+        if let Err(e) = self
+            .out
+            .flush()
+            .and_then(|()| self.out.get_ref().sync_data())
+        {
+            self.failed(e);
+        }
+    }
+
+    /// Lines (or syncs) that failed so far.
+    pub fn errors(&self) -> u64 {
+        self.errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("stallmon-record-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    #[test]
+    fn creates_new_private_files_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = dir("new");
+        let p = d.join("run.jsonl");
+        let f = open(&p, false).unwrap();
+        assert_eq!(f.metadata().unwrap().permissions().mode() & 0o777, 0o600);
+        drop(f);
+        assert!(matches!(open(&p, false), Err(RecordError::Exists(_))));
+        // Append to our own file works.
+        assert!(open(&p, true).is_ok());
+        // A symlink planted where the record goes is never followed.
+        let target = d.join("victim");
+        std::fs::write(&target, "precious").unwrap();
+        let link = d.join("link.jsonl");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(open(&link, false).is_err());
+        assert!(matches!(open(&link, true), Err(RecordError::Symlink(_))));
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "precious");
+        // A FIFO (no reader) and a device are refused at once.
+        let fifo = d.join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: valid path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(open(&fifo, true).is_err());
+        assert!(matches!(
+            open(Path::new("/dev/full"), true),
+            Err(RecordError::NotRegular(..))
+        ));
+        assert!(matches!(
+            open(&d.join("missing/run.jsonl"), false),
+            Err(RecordError::Open(..))
+        ));
+        std::fs::remove_dir_all(&d).unwrap();
     }
 }

@@ -67,7 +67,7 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
         // Runnable, not yet run: waiting for a CPU.
         if let Some(t) = task_state(child, child_tgid, child_value, now, true) {
             let (_, tid) = task_ids(child);
-            set_state(t, tid, STATE_OTHER_WAIT, now);
+            set_state(t, tid, STATE_CPU_WAIT, now);
         }
     }
     0

@@ -21,7 +21,7 @@ use super::{
 fn off_cpu(t: &TaskState, task: *const u8, preempt: bool, prev_state: u32) -> (u32, u32) {
     if preempt || prev_state == abi::TASK_RUNNING {
         // Still runnable (preempted or yielded): waiting for a CPU, not for data.
-        return (STATE_OTHER_WAIT, 0);
+        return (STATE_CPU_WAIT, 0);
     }
     let iowait = in_iowait(task);
     let regs = unsafe { bpf_task_pt_regs(task as *mut _) } as *const u8;

@@ -1,116 +1,160 @@
-//! The training job's name: the constant `job_name` label of every metric.
+//! What a job's processes say about themselves: rank variables and job ids in the environment,
+//! Kubernetes pod and SLURM job in the cgroup path. All of it is written by the job's user and
+//! is hostile input: only the few variables below are extracted (nothing else of an environment
+//! is kept or logged: it may hold secrets), every value is bounded and stripped of control
+//! characters before it becomes a label or a log field ([`sanitize`]).
 //!
-//! Resolution order, first match wins:
-//! 1. the name given on the command line (`--job-name`);
-//! 2. the traced process's environment (`/proc/PID/environ`): `SLURM_JOB_ID`
-//!    gives `slurm-<id>`, `TORCHELASTIC_RUN_ID` (set by torchrun) is used as is;
-//! 3. the Kubernetes pod the process runs in, from the pod UID in its cgroup
-//!    path (`/proc/PID/cgroup`): `pod-<uid>`;
-//! 4. the process's command name (`/proc/PID/comm`);
-//! 5. `pid-<PID>` when even that cannot be read (the process is gone).
-//!
-//! Reading another user's `/proc/PID/environ` needs CAP_SYS_PTRACE (the same
-//! check as ptrace in read mode); without it step 2 is skipped silently.
-//! The environment is only searched for the variables above: nothing else from
-//! it is kept or logged, as it may hold secrets.
-//!
-//! The parsing is split into pure functions over the file contents so that it
-//! can be tested without processes.
+//! The parsing is split into pure functions over file contents, tested without processes.
 
-use std::path::Path;
+use crate::schema::JobLabels;
 
-/// Environment variable set by Slurm in every job step.
-const SLURM_JOB_ID: &str = "SLURM_JOB_ID";
-/// Environment variable set by torchrun / TorchElastic for every worker.
-const TORCHELASTIC_RUN_ID: &str = "TORCHELASTIC_RUN_ID";
+/// Longest label value kept (longer values are cut).
+pub const MAX_LABEL: usize = 128;
 
-/// Job name for the process `pid`; see the module documentation for the order.
-pub fn job_name(explicit: Option<&str>, pid: u32) -> String {
-    job_name_in(Path::new("/proc"), explicit, pid)
-}
-
-/// [`job_name`] with another procfs root (tests use a directory tree).
-pub fn job_name_in(proc_root: &Path, explicit: Option<&str>, pid: u32) -> String {
-    if let Some(name) = explicit.map(str::trim).filter(|n| !n.is_empty()) {
-        return name.to_string();
-    }
-    let dir = proc_root.join(pid.to_string());
-    if let Ok(raw) = std::fs::read(dir.join("environ"))
-        && let Some(name) = job_from_environ(&parse_environ(&raw))
-    {
-        return name;
-    }
-    if let Ok(cgroup) = std::fs::read_to_string(dir.join("cgroup"))
-        && let Some(uid) = parse_cgroup(&cgroup)
-    {
-        return format!("pod-{uid}");
-    }
-    if let Ok(comm) = std::fs::read_to_string(dir.join("comm"))
-        && let Some(comm) = parse_comm(&comm)
-    {
-        return comm;
-    }
-    format!("pid-{pid}")
-}
-
-/// Splits the contents of `/proc/PID/environ` (`NAME=value` entries separated
-/// by NUL bytes) into pairs. Entries without `=` are skipped; bytes that are
-/// not UTF-8 are replaced.
-pub fn parse_environ(raw: &[u8]) -> Vec<(String, String)> {
-    raw.split(|b| *b == 0)
-        .filter(|entry| !entry.is_empty())
-        .filter_map(|entry| {
-            let eq = entry.iter().position(|b| *b == b'=')?;
-            let (name, value) = (&entry[..eq], &entry[eq + 1..]);
-            if name.is_empty() {
-                return None;
+/// A label value made safe for Prometheus, logs and JSON: control characters (newlines, escape
+/// sequences) and other non-printing characters become `_`, the length is bounded.
+pub fn sanitize(raw: &str) -> String {
+    raw.trim()
+        .chars()
+        .take(MAX_LABEL)
+        .map(|c| {
+            if c.is_control() || c == '\u{fffd}' {
+                '_'
+            } else {
+                c
             }
-            Some((
-                String::from_utf8_lossy(name).into_owned(),
-                String::from_utf8_lossy(value).into_owned(),
-            ))
         })
         .collect()
 }
 
-/// The job name found in an environment, if any: `slurm-<SLURM_JOB_ID>`, else
-/// `TORCHELASTIC_RUN_ID`. torchrun sets the run id to `none` when no
-/// `--rdzv-id` was given; that is not a name and is ignored.
-pub fn job_from_environ(vars: &[(String, String)]) -> Option<String> {
-    let get = |name: &str| {
-        vars.iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.trim())
-            .filter(|v| !v.is_empty())
-    };
-    if let Some(id) = get(SLURM_JOB_ID) {
-        return Some(format!("slurm-{id}"));
+/// A rank as the launcher told it to the process.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RankVars {
+    /// Global rank.
+    pub rank: Option<u32>,
+    /// Rank within the node (the GPU it usually drives).
+    pub local_rank: Option<u32>,
+    /// Which launcher convention named it (`RANK`, `SLURM_PROCID`, ...).
+    pub source: &'static str,
+}
+
+impl RankVars {
+    /// The `rank` label: the global rank, else the local one.
+    pub fn label(&self) -> Option<String> {
+        self.rank.or(self.local_rank).map(|r| r.to_string())
     }
-    get(TORCHELASTIC_RUN_ID)
-        .filter(|id| !id.eq_ignore_ascii_case("none"))
-        .map(str::to_string)
 }
 
-/// The Kubernetes pod UID in the contents of `/proc/PID/cgroup`, lower case
-/// with dashes, if the process runs in a pod.
-///
-/// Handles both cgroup drivers, on cgroup v1 and v2:
-/// - cgroupfs: `.../kubepods/burstable/pod0f3c...-.../<container>`
-/// - systemd:  `.../kubepods-burstable-pod0f3c..._..._....slice/cri-containerd-<id>.scope`
-///   (the UID's dashes are written as underscores)
-pub fn parse_cgroup(content: &str) -> Option<String> {
-    content.lines().find_map(|line| {
-        // hierarchy-ID:controllers:path; the path may itself contain ':'.
-        let path = line.splitn(3, ':').nth(2)?;
-        if !path.contains("kubepods") {
-            return None;
+/// What stallmon reads from a process's environment.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EnvFacts {
+    pub rank: Option<RankVars>,
+    pub slurm_job_id: Option<String>,
+    pub elastic_run_id: Option<String>,
+}
+
+/// Rank variable pairs (global, local) by launcher, in order of preference.
+const RANK_VARS: [(&str, &str, &str); 4] = [
+    ("RANK", "LOCAL_RANK", "RANK"),
+    (
+        "OMPI_COMM_WORLD_RANK",
+        "OMPI_COMM_WORLD_LOCAL_RANK",
+        "OMPI_COMM_WORLD_RANK",
+    ),
+    ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_PROCID"),
+    ("PMI_RANK", "MPI_LOCALRANKID", "PMI_RANK"),
+];
+
+/// Extracts [`EnvFacts`] from the contents of `/proc/PID/environ` (`NAME=value` entries
+/// separated by NUL bytes). Everything else in it is ignored.
+pub fn env_facts(raw: &[u8]) -> EnvFacts {
+    let get = |name: &str| -> Option<String> {
+        raw.split(|b| *b == 0).find_map(|entry| {
+            let rest = entry.strip_prefix(name.as_bytes())?.strip_prefix(b"=")?;
+            let v = String::from_utf8_lossy(rest);
+            let v = sanitize(&v);
+            (!v.is_empty()).then_some(v)
+        })
+    };
+    let number = |v: Option<String>| v.and_then(|v| v.parse::<u32>().ok());
+    let mut rank = None;
+    for (global, local, source) in RANK_VARS {
+        let (g, l) = (number(get(global)), number(get(local)));
+        if g.is_some() || l.is_some() {
+            rank = Some(RankVars {
+                rank: g,
+                local_rank: l,
+                source,
+            });
+            break;
         }
-        path.split('/').find_map(pod_uid_of_segment)
-    })
+    }
+    // torchrun sets the run id to "none" when no --rdzv-id was given: not a name.
+    let elastic_run_id = get("TORCHELASTIC_RUN_ID").filter(|v| !v.eq_ignore_ascii_case("none"));
+    EnvFacts {
+        rank,
+        slurm_job_id: get("SLURM_JOB_ID"),
+        elastic_run_id,
+    }
 }
 
-/// The pod UID in one cgroup path segment (`pod<uid>` or
-/// `kubepods-<qos>-pod<uid>.slice`), if it is a pod segment.
+/// What the cgroup path says about where a process runs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CgroupFacts {
+    /// Kubernetes pod UID (lower case, with dashes).
+    pub pod_uid: Option<String>,
+    /// Container id (the runtime's scope or directory name), within the pod.
+    pub container_id: Option<String>,
+    /// SLURM job id (`.../job_<id>/...`).
+    pub slurm_job: Option<String>,
+    /// The path itself (of the unified or first hierarchy), sanitized, for grouping.
+    pub path: String,
+}
+
+/// Parses the contents of `/proc/PID/cgroup` (both cgroup drivers, v1 and v2).
+///
+/// - Kubernetes, cgroupfs: `.../kubepods/burstable/pod0f3c...-.../<container>`
+/// - Kubernetes, systemd: `.../kubepods-burstable-pod0f3c..._....slice/cri-containerd-<id>.scope`
+///   (the UID's dashes are written as underscores)
+/// - SLURM: `.../slurm/uid_1000/job_42/step_0/...` or `.../slurmstepd.scope/job_42/...`
+pub fn cgroup_facts(content: &str) -> CgroupFacts {
+    let mut out = CgroupFacts::default();
+    for line in content.lines() {
+        // hierarchy-ID:controllers:path; the path may itself contain ':'.
+        let Some(path) = line.splitn(3, ':').nth(2) else {
+            continue;
+        };
+        if out.path.is_empty() || line.starts_with("0::") {
+            out.path = sanitize(path);
+        }
+        let segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        if path.contains("kubepods")
+            && let Some(i) = segments
+                .iter()
+                .position(|s| pod_uid_of_segment(s).is_some())
+        {
+            out.pod_uid = pod_uid_of_segment(segments[i]);
+            out.container_id = segments.get(i + 1).map(|c| sanitize(container_id_of(c)));
+        }
+        if out.slurm_job.is_none()
+            && let Some(id) = segments
+                .iter()
+                .find_map(|s| s.strip_prefix("job_"))
+                .filter(|id| !id.is_empty() && id.chars().all(|c| c.is_ascii_alphanumeric()))
+        {
+            out.slurm_job = Some(id.to_string());
+        }
+    }
+    out
+}
+
+/// `cri-containerd-<id>.scope` → `<id>`; a cgroupfs directory name is the id itself.
+fn container_id_of(segment: &str) -> &str {
+    let s = segment.strip_suffix(".scope").unwrap_or(segment);
+    s.rsplit_once('-').map_or(s, |(_, id)| id)
+}
+
+/// The pod UID in one cgroup path segment (`pod<uid>` or `kubepods-<qos>-pod<uid>.slice`).
 fn pod_uid_of_segment(segment: &str) -> Option<String> {
     let segment = segment.strip_suffix(".slice").unwrap_or(segment);
     let start = segment.rfind("pod")? + "pod".len();
@@ -129,186 +173,244 @@ fn pod_uid_of_segment(segment: &str) -> Option<String> {
     (only_uid_chars && hex_digits == 32).then_some(uid)
 }
 
-/// The command name in `/proc/PID/comm`, without the trailing newline.
-pub fn parse_comm(content: &str) -> Option<String> {
-    let comm = content.trim();
-    (!comm.is_empty()).then(|| comm.to_string())
+/// A pod as the kubelet's pod-resources API names it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PodRef {
+    pub pod: String,
+    pub namespace: String,
+    pub container: String,
+}
+
+/// The job's labels: `--job-name` wins, then the elastic run id, then the root's command name;
+/// pod, namespace and container from the pod-resources API when it knows the job's GPUs, else
+/// the pod UID from the cgroup; the SLURM job from the cgroup path, else the environment.
+pub fn job_labels(
+    explicit: Option<&str>,
+    env: &EnvFacts,
+    cg: &CgroupFacts,
+    pod: Option<&PodRef>,
+    comm: &str,
+) -> JobLabels {
+    let job_name = explicit
+        .map(sanitize)
+        .filter(|n| !n.is_empty())
+        .or_else(|| env.elastic_run_id.clone())
+        .unwrap_or_else(|| sanitize(comm));
+    let (pod, namespace, container) = match pod {
+        Some(p) => (
+            sanitize(&p.pod),
+            sanitize(&p.namespace),
+            sanitize(&p.container),
+        ),
+        None => (
+            cg.pod_uid.clone().unwrap_or_default(),
+            String::new(),
+            String::new(),
+        ),
+    };
+    JobLabels {
+        job_name,
+        pod,
+        namespace,
+        container,
+        hpc_job: cg
+            .slurm_job
+            .clone()
+            .or_else(|| env.slurm_job_id.clone())
+            .unwrap_or_default(),
+    }
+}
+
+/// What groups processes into one job in node mode, in order of preference.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum JobKey {
+    /// Kubernetes pod UID and container.
+    Container(String, String),
+    /// SLURM job id.
+    Slurm(String),
+    /// TorchElastic run id.
+    Elastic(String),
+    /// The process-tree root (pid, start time in ticks).
+    Root(u32, u64),
+}
+
+/// The grouping key of a process from what it says about itself (`None`: use its tree root).
+pub fn job_key(env: &EnvFacts, cg: &CgroupFacts) -> Option<JobKey> {
+    if let Some(uid) = &cg.pod_uid {
+        return Some(JobKey::Container(
+            uid.clone(),
+            cg.container_id.clone().unwrap_or_default(),
+        ));
+    }
+    if let Some(id) = cg.slurm_job.clone().or_else(|| env.slurm_job_id.clone()) {
+        return Some(JobKey::Slurm(id));
+    }
+    env.elastic_run_id.clone().map(JobKey::Elastic)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_string()))
-            .collect()
-    }
-
     #[test]
-    fn environ_is_split_on_nul_and_first_equals() {
-        let raw = b"PATH=/usr/bin:/bin\0EMPTY=\0EQ=a=b\0NOEQUALS\0=novalue\0\0";
+    fn rank_variables_of_each_launcher() {
+        let f = env_facts(b"PATH=/bin\0RANK=3\0LOCAL_RANK=1\0WORLD_SIZE=8\0");
+        let r = f.rank.unwrap();
+        assert_eq!((r.rank, r.local_rank, r.source), (Some(3), Some(1), "RANK"));
+        assert_eq!(r.label().as_deref(), Some("3"));
+        let r = env_facts(b"SLURM_PROCID=5\0SLURM_LOCALID=1\0SLURM_JOB_ID=991\0")
+            .rank
+            .unwrap();
+        assert_eq!((r.rank, r.source), (Some(5), "SLURM_PROCID"));
+        let r = env_facts(b"OMPI_COMM_WORLD_RANK=2\0OMPI_COMM_WORLD_LOCAL_RANK=0\0")
+            .rank
+            .unwrap();
+        assert_eq!((r.rank, r.local_rank), (Some(2), Some(0)));
+        assert_eq!(env_facts(b"PMI_RANK=7\0").rank.unwrap().rank, Some(7));
+        // torchrun sets RANK as well as SLURM_PROCID under srun: RANK wins.
+        let r = env_facts(b"SLURM_PROCID=0\0RANK=4\0").rank.unwrap();
+        assert_eq!(r.rank, Some(4));
+        // Only LOCAL_RANK: the label is the local rank.
         assert_eq!(
-            parse_environ(raw),
-            env(&[("PATH", "/usr/bin:/bin"), ("EMPTY", ""), ("EQ", "a=b")])
-        );
-        assert!(parse_environ(b"").is_empty());
-    }
-
-    #[test]
-    fn environ_tolerates_invalid_utf8() {
-        let parsed = parse_environ(b"SLURM_JOB_ID=42\0BAD=\xff\xfe\0");
-        assert_eq!(parsed[0], ("SLURM_JOB_ID".into(), "42".into()));
-        assert_eq!(parsed[1].0, "BAD");
-    }
-
-    #[test]
-    fn slurm_wins_over_torchelastic() {
-        let vars = env(&[("TORCHELASTIC_RUN_ID", "run7"), ("SLURM_JOB_ID", "123456")]);
-        assert_eq!(job_from_environ(&vars).as_deref(), Some("slurm-123456"));
-    }
-
-    #[test]
-    fn torchelastic_run_id_is_used_as_is() {
-        let vars = env(&[("HOME", "/root"), ("TORCHELASTIC_RUN_ID", "llama-ft-0412")]);
-        assert_eq!(job_from_environ(&vars).as_deref(), Some("llama-ft-0412"));
-    }
-
-    #[test]
-    fn empty_and_default_ids_are_ignored() {
-        assert_eq!(job_from_environ(&env(&[("SLURM_JOB_ID", "  ")])), None);
-        assert_eq!(
-            job_from_environ(&env(&[("TORCHELASTIC_RUN_ID", "none")])),
-            None
-        );
-        assert_eq!(
-            job_from_environ(&env(&[("SLURM_JOB_ID", ""), ("TORCHELASTIC_RUN_ID", "r1")]))
+            env_facts(b"LOCAL_RANK=2\0")
+                .rank
+                .unwrap()
+                .label()
                 .as_deref(),
-            Some("r1")
+            Some("2")
         );
-        assert_eq!(job_from_environ(&env(&[("SLURM_JOBID_X", "1")])), None);
+        // Not numbers: no rank.
+        assert_eq!(env_facts(b"RANK=abc\0").rank, None);
+        assert_eq!(env_facts(b"").rank, None);
+        // A prefix is not the variable.
+        assert_eq!(env_facts(b"RANKING=1\0XRANK=2\0").rank, None);
     }
 
     #[test]
-    fn cgroup_v2_cgroupfs_driver() {
-        let cg = "0::/kubepods/burstable/pod0f3c1d2e-4a5b-6c7d-8e9f-0a1b2c3d4e5f/3b1a9c0e8d\n";
+    fn job_ids_from_the_environment() {
+        let f = env_facts(b"TORCHELASTIC_RUN_ID=ft-run\0SLURM_JOB_ID=991\0");
+        assert_eq!(f.elastic_run_id.as_deref(), Some("ft-run"));
+        assert_eq!(f.slurm_job_id.as_deref(), Some("991"));
         assert_eq!(
-            parse_cgroup(cg).as_deref(),
+            env_facts(b"TORCHELASTIC_RUN_ID=none\0").elastic_run_id,
+            None
+        );
+        assert_eq!(env_facts(b"SLURM_JOB_ID=  \0").slurm_job_id, None);
+        // Invalid UTF-8 is replaced, then sanitized.
+        let f = env_facts(b"SLURM_JOB_ID=4\xff2\0");
+        assert_eq!(f.slurm_job_id.as_deref(), Some("4_2"));
+    }
+
+    #[test]
+    fn hostile_values_are_sanitized() {
+        // A job id with a newline would forge log lines; with an escape sequence, a terminal.
+        let f = env_facts(b"SLURM_JOB_ID=42\nstallmon: error: forged\0");
+        let v = f.slurm_job_id.unwrap();
+        assert!(!v.contains('\n'), "{v:?}");
+        assert_eq!(v, "42_stallmon: error: forged");
+        assert_eq!(sanitize("a\u{1b}[31mb\r"), "a_[31mb");
+        let long = "x".repeat(10_000);
+        assert_eq!(sanitize(&long).len(), MAX_LABEL);
+        let labels = job_labels(
+            Some("job\u{7}\n"),
+            &EnvFacts::default(),
+            &CgroupFacts::default(),
+            None,
+            "py",
+        );
+        assert_eq!(labels.job_name, "job_");
+    }
+
+    #[test]
+    fn cgroup_paths_of_kubernetes_and_slurm() {
+        let cg = cgroup_facts(
+            "0::/kubepods/burstable/pod0f3c1d2e-4a5b-6c7d-8e9f-0a1b2c3d4e5f/3b1a9c0e8d\n",
+        );
+        assert_eq!(
+            cg.pod_uid.as_deref(),
             Some("0f3c1d2e-4a5b-6c7d-8e9f-0a1b2c3d4e5f")
         );
-    }
-
-    #[test]
-    fn cgroup_v2_systemd_driver() {
-        let cg = "0::/kubepods.slice/kubepods-besteffort.slice/\
-                  kubepods-besteffort-pod0F3C1D2E_4A5B_6C7D_8E9F_0A1B2C3D4E5F.slice/\
-                  cri-containerd-7a1e0c9b.scope\n";
+        assert_eq!(cg.container_id.as_deref(), Some("3b1a9c0e8d"));
+        let cg = cgroup_facts(
+            "0::/kubepods.slice/kubepods-besteffort.slice/\
+             kubepods-besteffort-pod0F3C1D2E_4A5B_6C7D_8E9F_0A1B2C3D4E5F.slice/\
+             cri-containerd-7a1e0c9b.scope\n",
+        );
         assert_eq!(
-            parse_cgroup(cg).as_deref(),
+            cg.pod_uid.as_deref(),
             Some("0f3c1d2e-4a5b-6c7d-8e9f-0a1b2c3d4e5f")
         );
-    }
-
-    #[test]
-    fn cgroup_v2_guaranteed_qos_systemd() {
-        let cg = "0::/kubepods.slice/kubepods-pod11111111_2222_3333_4444_555555555555.slice/cri-containerd-ab.scope";
+        assert_eq!(cg.container_id.as_deref(), Some("7a1e0c9b"));
+        let cg = cgroup_facts(
+            "12:pids:/kubepods/pod11111111-2222-3333-4444-555555555555/abc\n\
+             1:name=systemd:/kubepods/pod11111111-2222-3333-4444-555555555555/abc\n",
+        );
         assert_eq!(
-            parse_cgroup(cg).as_deref(),
+            cg.pod_uid.as_deref(),
             Some("11111111-2222-3333-4444-555555555555")
         );
-    }
-
-    #[test]
-    fn cgroup_v1_many_controllers() {
-        let cg = "12:pids:/kubepods/pod11111111-2222-3333-4444-555555555555/abc\n\
-                  11:cpu,cpuacct:/kubepods/pod11111111-2222-3333-4444-555555555555/abc\n\
-                  1:name=systemd:/kubepods/pod11111111-2222-3333-4444-555555555555/abc\n";
-        assert_eq!(
-            parse_cgroup(cg).as_deref(),
-            Some("11111111-2222-3333-4444-555555555555")
-        );
-    }
-
-    #[test]
-    fn cgroup_outside_kubernetes() {
-        assert_eq!(
-            parse_cgroup("0::/user.slice/user-1000.slice/session-3.scope\n"),
-            None
-        );
-        assert_eq!(
-            parse_cgroup("0::/system.slice/slurmstepd.scope/job_42/step_0\n"),
-            None
-        );
-        // "pod" in a non-Kubernetes path, or a malformed UID.
-        assert_eq!(parse_cgroup("0::/system.slice/podman-1234.scope\n"), None);
-        assert_eq!(
-            parse_cgroup("0::/kubepods/burstable/podnotauid/abc\n"),
-            None
-        );
-        assert_eq!(parse_cgroup(""), None);
-    }
-
-    #[test]
-    fn comm_is_trimmed() {
-        assert_eq!(parse_comm("python3\n").as_deref(), Some("python3"));
-        assert_eq!(parse_comm("\n"), None);
-    }
-
-    /// A fake procfs tree, removed on drop.
-    struct FakeProc(std::path::PathBuf);
-    impl FakeProc {
-        fn new(tag: &str) -> Self {
-            let dir = std::env::temp_dir()
-                .join(format!("stallmon-joblabel-{tag}-{}", std::process::id()));
-            let _ = std::fs::remove_dir_all(&dir);
-            std::fs::create_dir_all(dir.join("77")).unwrap();
-            FakeProc(dir)
-        }
-        fn write(&self, file: &str, content: &[u8]) {
-            std::fs::write(self.0.join("77").join(file), content).unwrap();
-        }
-    }
-    impl Drop for FakeProc {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
+        let cg = cgroup_facts("0::/system.slice/slurmstepd.scope/job_42/step_0/user/task_0\n");
+        assert_eq!(cg.slurm_job.as_deref(), Some("42"));
+        assert_eq!(cg.pod_uid, None);
+        let cg = cgroup_facts("4:memory:/slurm/uid_1000/job_1234/step_batch\n");
+        assert_eq!(cg.slurm_job.as_deref(), Some("1234"));
+        for plain in [
+            "0::/user.slice/user-1000.slice/session-3.scope\n",
+            "0::/system.slice/podman-1234.scope\n",
+            "0::/kubepods/burstable/podnotauid/abc\n",
+            "0::/system.slice/job_/x\n",
+            "",
+        ] {
+            let cg = cgroup_facts(plain);
+            assert_eq!((cg.pod_uid, cg.slurm_job), (None, None), "{plain}");
         }
     }
 
     #[test]
-    fn resolution_order() {
-        let p = FakeProc::new("order");
-        assert_eq!(job_name_in(&p.0, None, 77), "pid-77");
-        p.write("comm", b"python3\n");
-        assert_eq!(job_name_in(&p.0, None, 77), "python3");
-        p.write(
-            "cgroup",
-            b"0::/kubepods/besteffort/pod0f3c1d2e-4a5b-6c7d-8e9f-0a1b2c3d4e5f/c0ffee\n",
+    fn labels_and_keys() {
+        let env = env_facts(b"TORCHELASTIC_RUN_ID=run7\0SLURM_JOB_ID=991\0");
+        let cg = CgroupFacts::default();
+        let l = job_labels(None, &env, &cg, None, "python3");
+        assert_eq!((l.job_name.as_str(), l.hpc_job.as_str()), ("run7", "991"));
+        assert_eq!(
+            job_labels(Some(" resnet "), &env, &cg, None, "p").job_name,
+            "resnet"
         );
         assert_eq!(
-            job_name_in(&p.0, None, 77),
-            "pod-0f3c1d2e-4a5b-6c7d-8e9f-0a1b2c3d4e5f"
+            job_labels(Some(""), &EnvFacts::default(), &cg, None, "p").job_name,
+            "p"
         );
-        p.write("environ", b"HOME=/root\0TORCHELASTIC_RUN_ID=ft-run\0");
-        assert_eq!(job_name_in(&p.0, None, 77), "ft-run");
-        p.write("environ", b"TORCHELASTIC_RUN_ID=ft-run\0SLURM_JOB_ID=991\0");
-        assert_eq!(job_name_in(&p.0, None, 77), "slurm-991");
-        assert_eq!(job_name_in(&p.0, Some(" resnet50 "), 77), "resnet50");
-        // An empty explicit name does not count.
-        assert_eq!(job_name_in(&p.0, Some(""), 77), "slurm-991");
-    }
-
-    #[test]
-    fn own_process_has_a_name() {
-        // This test process: no Slurm/TorchElastic id expected in CI, so the
-        // name is non-empty whatever step matched.
-        let name = job_name(None, std::process::id());
-        assert!(!name.is_empty());
-        assert_eq!(job_name(Some("x"), std::process::id()), "x");
-        // A process that does not exist.
+        let cg = cgroup_facts("0::/kubepods/pod11111111-2222-3333-4444-555555555555/c0ffee\n");
+        let l = job_labels(None, &EnvFacts::default(), &cg, None, "python3");
+        assert_eq!(l.pod, "11111111-2222-3333-4444-555555555555");
+        let pod = PodRef {
+            pod: "trainer-0".into(),
+            namespace: "ml".into(),
+            container: "main".into(),
+        };
+        let l = job_labels(None, &EnvFacts::default(), &cg, Some(&pod), "python3");
         assert_eq!(
-            job_name(None, u32::MAX - 1),
-            format!("pid-{}", u32::MAX - 1)
+            (l.pod.as_str(), l.namespace.as_str(), l.container.as_str()),
+            ("trainer-0", "ml", "main")
         );
+        assert_eq!(
+            job_key(&EnvFacts::default(), &cg),
+            Some(JobKey::Container(
+                "11111111-2222-3333-4444-555555555555".into(),
+                "c0ffee".into()
+            ))
+        );
+        assert_eq!(
+            job_key(&env, &CgroupFacts::default()),
+            Some(JobKey::Slurm("991".into()))
+        );
+        assert_eq!(
+            job_key(
+                &env_facts(b"TORCHELASTIC_RUN_ID=r\0"),
+                &CgroupFacts::default()
+            ),
+            Some(JobKey::Elastic("r".into()))
+        );
+        assert_eq!(job_key(&EnvFacts::default(), &CgroupFacts::default()), None);
     }
 }

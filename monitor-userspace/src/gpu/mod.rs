@@ -1,29 +1,37 @@
-//! GPU sampling: a small interface over NVML and over a simulated GPU driven by a workload.
+//! GPU sampling through NVML: one code path, whether the library is the NVIDIA driver's or the
+//! stand-in that CI uses (`tests/nvml-standin`, loaded with `--nvml-lib`; everything it reports
+//! is labelled simulated).
 //!
-//! A [`GpuSampler`] is polled periodically (every few hundred milliseconds). Each poll returns one
-//! [`GpuReading`] per GPU with the utilization samples that became available since the previous
-//! poll, plus point-in-time gauges (memory, temperature, power, clocks, PCIe, throttling) and the
+//! The [`NvmlSampler`] is polled every interval. Each poll returns one [`GpuReading`] per GPU
+//! with the utilization samples that became available since the previous poll, plus
+//! point-in-time gauges (memory, temperature, power, clocks, PCIe, throttling) and the
 //! processes holding a compute context.
 //!
 //! All timestamps are `CLOCK_MONOTONIC` nanoseconds: the clock of `bpf_ktime_get_ns` and of
 //! Python's `time.monotonic_ns()`, so GPU samples line up with the kernel's thread-state events.
 
-use std::collections::HashSet;
-
 pub mod nvml;
-pub mod simulated;
 
-pub use nvml::NvmlSampler;
-pub use simulated::SimulatedGpu;
+pub use nvml::{GpuOptions, GpuSelector, NvmlSampler};
 
-/// Identity of one GPU.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// Identity of one GPU, with dcgm-exporter's meanings: NVML index (`gpu`), `UUID`,
+/// `modelName`, `pci_bus_id`, and the device file (`device`, e.g. `nvidia0`, from the minor
+/// number). Join with other GPU exporters on the UUID: indexes are not stable across reboots.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GpuInfo {
-    /// NVML index (or 0 for the simulated GPU).
     pub index: u32,
     pub uuid: String,
     /// Product name, e.g. "NVIDIA H100 80GB HBM3".
     pub model: String,
+    pub pci_bus_id: String,
+    pub minor: Option<u32>,
+}
+
+impl GpuInfo {
+    /// The device file name dcgm-exporter puts in its `device` label (`nvidia<minor>`).
+    pub fn device(&self) -> String {
+        self.minor.map(|m| format!("nvidia{m}")).unwrap_or_default()
+    }
 }
 
 /// One utilization sample: the fraction of `[end_ns - period_ns, end_ns)` during which a kernel
@@ -96,35 +104,6 @@ impl GpuReading {
     }
 }
 
-/// A source of GPU readings.
-pub trait GpuSampler: Send {
-    /// `"nvml"` or `"simulated"`.
-    fn source(&self) -> &'static str;
-
-    /// Readings for every sampled GPU. Never fails as a whole: a GPU that errors is returned with
-    /// [`GpuReading::stale`] set.
-    fn poll(&mut self) -> Vec<GpuReading>;
-
-    /// Final poll at the end of a run: like [`poll`](Self::poll), but also returns samples a
-    /// source would normally hold back (e.g. the simulated GPU's safety lag).
-    fn drain(&mut self) -> Vec<GpuReading> {
-        self.poll()
-    }
-}
-
-/// The job's GPUs: indices of the GPUs on which one of `job_pids` holds a compute context,
-/// ascending, without duplicates.
-pub fn job_gpus(readings: &[GpuReading], job_pids: &HashSet<u32>) -> Vec<u32> {
-    let mut gpus: Vec<u32> = readings
-        .iter()
-        .filter(|r| r.process_pids.iter().any(|pid| job_pids.contains(pid)))
-        .map(|r| r.info.index)
-        .collect();
-    gpus.sort_unstable();
-    gpus.dedup();
-    gpus
-}
-
 /// Reads a clock in nanoseconds (0 if the call fails, which it cannot for these clocks).
 fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
@@ -141,7 +120,8 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
         .saturating_add(ts.tv_nsec as u64)
 }
 
-/// Now, on `CLOCK_MONOTONIC`, in ns.
+/// Now, on `CLOCK_MONOTONIC` (the clock of `bpf_ktime_get_ns` and of Python's
+/// `time.monotonic_ns()`), in ns.
 pub fn monotonic_ns() -> u64 {
     clock_ns(libc::CLOCK_MONOTONIC)
 }
@@ -164,30 +144,6 @@ pub fn realtime_offset_ns() -> i128 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn reading(index: u32, pids: &[u32]) -> GpuReading {
-        let mut r = GpuReading::empty(GpuInfo {
-            index,
-            uuid: format!("GPU-{index}"),
-            model: "test".into(),
-        });
-        r.process_pids = pids.to_vec();
-        r
-    }
-
-    #[test]
-    fn job_gpus_picks_gpus_with_job_contexts() {
-        let readings = [
-            reading(2, &[10, 11]),
-            reading(0, &[99]),
-            reading(1, &[]),
-            reading(3, &[12]),
-            reading(2, &[11]),
-        ];
-        let job: HashSet<u32> = [11, 12].into_iter().collect();
-        assert_eq!(job_gpus(&readings, &job), vec![2, 3]);
-        assert!(job_gpus(&readings, &HashSet::new()).is_empty());
-    }
 
     #[test]
     fn clocks_are_sane() {

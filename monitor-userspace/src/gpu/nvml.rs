@@ -7,6 +7,9 @@
 //! timestamps in microseconds on the realtime clock; they are converted to `CLOCK_MONOTONIC` with
 //! the realtime-minus-monotonic offset measured at each poll.
 //!
+//! The same code loads the stand-in library of the tests (`--nvml-lib`), which reports the driver
+//! version [`STANDIN_DRIVER`]: every figure is then labelled simulated.
+//!
 //! `poll` makes blocking driver calls (a few ms per GPU, plus ~20 ms per PCIe query, which is
 //! therefore made at most once per [`PCIE_INTERVAL_NS`]); run it off any async executor thread.
 
@@ -18,7 +21,7 @@ use nvml_wrapper::enum_wrappers::device::{Clock, PcieUtilCounter, Sampling, Temp
 use nvml_wrapper::enums::device::SampleValue;
 use nvml_wrapper::error::NvmlError;
 
-use super::{GpuInfo, GpuReading, GpuSampler, UtilSample};
+use super::{GpuInfo, GpuReading, UtilSample};
 
 /// A gap between two consecutive NVML samples longer than this (in µs) is a discontinuity (the
 /// driver's ring buffer wrapped between polls, or sampling paused): the sample after the gap only
@@ -53,6 +56,69 @@ const THROTTLE_REASONS: [(ThrottleReasons, &str); 9] = [
     ),
 ];
 
+/// The driver version the stand-in NVML library of the tests reports.
+pub const STANDIN_DRIVER: &str = "stallmon-standin";
+
+/// A GPU named on the command line: NVML index or UUID.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum GpuSelector {
+    Index(u32),
+    Uuid(String),
+}
+
+impl std::str::FromStr for GpuSelector {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("empty GPU name".into());
+        }
+        if let Ok(i) = s.parse() {
+            return Ok(Self::Index(i));
+        }
+        if s.len() > 128 || !s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            return Err(format!("not a GPU index or UUID: {s:?}"));
+        }
+        Ok(Self::Uuid(s.to_string()))
+    }
+}
+
+impl std::fmt::Display for GpuSelector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Index(i) => write!(f, "{i}"),
+            Self::Uuid(u) => f.write_str(u),
+        }
+    }
+}
+
+/// How to reach NVML and which GPUs to sample.
+#[derive(Clone, Debug, Default)]
+pub struct GpuOptions {
+    /// The NVML library (default: the driver's `libnvidia-ml.so.1` on the library path).
+    pub lib_path: Option<std::path::PathBuf>,
+    /// GPUs to sample (default: all).
+    pub select: Option<Vec<GpuSelector>>,
+}
+
+/// Why GPU sampling is unavailable (the trace goes on without GPU attribution).
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    #[error(
+        "cannot initialize NVML ({0}): install the NVIDIA driver (libnvidia-ml.so.1) on GPU hosts, or point --nvml-lib at it"
+    )]
+    Init(NvmlError),
+    #[error("cannot count GPUs: {0}")]
+    Count(NvmlError),
+    #[error("NVML reports no GPUs")]
+    NoGpus,
+    #[error("GPU {0} requested but NVML reports {1} GPU(s)")]
+    NoSuchIndex(u32, u32),
+    #[error("GPU {0} requested but no GPU has that UUID")]
+    NoSuchUuid(String),
+}
+
 /// Samples GPUs through NVML.
 pub struct NvmlSampler {
     nvml: Nvml,
@@ -60,6 +126,7 @@ pub struct NvmlSampler {
     /// Realtime µs when the sampler was created: older buffered samples are not reported (they
     /// predate the monitored job), they only serve as the baseline of the first new one.
     start_us: u64,
+    simulated: bool,
 }
 
 /// What the sampler remembers about one GPU between polls.
@@ -80,32 +147,42 @@ struct DeviceState {
 }
 
 impl NvmlSampler {
-    /// Initializes NVML and selects GPUs: `gpus` names NVML indices, `None` means all of them.
-    ///
-    /// The error is one line suitable for the log, starting with "GPU attribution disabled: ".
-    pub fn new(gpus: Option<Vec<u32>>) -> Result<Self, String> {
-        let disabled = |reason: String| format!("GPU attribution disabled: {reason}");
-        let nvml = Nvml::init().map_err(|e| disabled(format!("cannot initialize NVML: {e}")))?;
-        let count = nvml
-            .device_count()
-            .map_err(|e| disabled(format!("cannot count GPUs: {e}")))?;
-        if count == 0 {
-            return Err(disabled("NVML reports no GPUs".into()));
+    /// Initializes NVML and selects GPUs.
+    pub fn new(opts: &GpuOptions) -> Result<Self, GpuError> {
+        let mut builder = Nvml::builder();
+        if let Some(p) = &opts.lib_path {
+            builder.lib_path(p.as_os_str());
         }
-        let indices = match gpus {
+        let nvml = builder.init().map_err(GpuError::Init)?;
+        let count = nvml.device_count().map_err(GpuError::Count)?;
+        if count == 0 {
+            return Err(GpuError::NoGpus);
+        }
+        let simulated = nvml
+            .sys_driver_version()
+            .is_ok_and(|v| v.trim() == STANDIN_DRIVER);
+        let mut indices: Vec<u32> = match &opts.select {
             None => (0..count).collect(),
             Some(list) => {
-                if let Some(bad) = list.iter().find(|&&i| i >= count) {
-                    return Err(disabled(format!(
-                        "GPU {bad} requested but NVML reports {count} GPU(s)"
-                    )));
+                let mut out = Vec::new();
+                for sel in list {
+                    out.push(match sel {
+                        GpuSelector::Index(i) if *i < count => *i,
+                        GpuSelector::Index(i) => return Err(GpuError::NoSuchIndex(*i, count)),
+                        GpuSelector::Uuid(u) => (0..count)
+                            .find(|&i| {
+                                nvml.device_by_index(i)
+                                    .and_then(|d| d.uuid())
+                                    .is_ok_and(|x| x.eq_ignore_ascii_case(u))
+                            })
+                            .ok_or_else(|| GpuError::NoSuchUuid(u.clone()))?,
+                    });
                 }
-                let mut list = list;
-                list.sort_unstable();
-                list.dedup();
-                list
+                out
             }
         };
+        indices.sort_unstable();
+        indices.dedup();
         let start_us = super::realtime_ns() / 1000;
         let devices = indices
             .into_iter()
@@ -124,6 +201,7 @@ impl NvmlSampler {
             nvml,
             devices,
             start_us,
+            simulated,
         })
     }
 
@@ -131,14 +209,15 @@ impl NvmlSampler {
     pub fn indices(&self) -> Vec<u32> {
         self.devices.iter().map(|d| d.index).collect()
     }
-}
 
-impl GpuSampler for NvmlSampler {
-    fn source(&self) -> &'static str {
-        "nvml"
+    /// `"nvml"`, or `"simulated"` for the stand-in library.
+    pub fn source(&self) -> &'static str {
+        if self.simulated { "simulated" } else { "nvml" }
     }
 
-    fn poll(&mut self) -> Vec<GpuReading> {
+    /// Readings for every sampled GPU. Never fails as a whole: a GPU that errors is returned
+    /// with [`GpuReading::stale`] set, and retried on the next poll.
+    pub fn poll(&mut self) -> Vec<GpuReading> {
         let clock = ClockMap::now();
         let start_us = self.start_us;
         self.devices
@@ -152,8 +231,7 @@ impl GpuSampler for NvmlSampler {
 fn poll_device(nvml: &Nvml, st: &mut DeviceState, clock: &ClockMap, start_us: u64) -> GpuReading {
     let placeholder = || GpuInfo {
         index: st.index,
-        uuid: String::new(),
-        model: String::new(),
+        ..GpuInfo::default()
     };
     let device = match nvml.device_by_index(st.index) {
         Ok(d) => d,
@@ -170,6 +248,8 @@ fn poll_device(nvml: &Nvml, st: &mut DeviceState, clock: &ClockMap, start_us: u6
                     index: st.index,
                     uuid,
                     model,
+                    pci_bus_id: device.pci_info().map(|p| p.bus_id).unwrap_or_default(),
+                    minor: device.minor_number().ok(),
                 })
             }
             (Err(e), _) | (_, Err(e)) => {
@@ -199,7 +279,7 @@ fn poll_device(nvml: &Nvml, st: &mut DeviceState, clock: &ClockMap, start_us: u6
         if let Err(e) = res
             && st.warned.insert(what)
         {
-            log::info!("GPU {index}: {what} not available: {e}");
+            tracing::info!("GPU {index}: {what} not available: {e}");
         }
     };
 
@@ -478,14 +558,28 @@ mod tests {
     }
 
     #[test]
-    fn init_without_driver_is_one_line_error() {
+    fn init_without_driver_is_a_clear_error() {
         // On machines without the NVIDIA driver this must fail cleanly; with one, succeed.
-        match NvmlSampler::new(None) {
+        match NvmlSampler::new(&GpuOptions::default()) {
             Ok(s) => assert!(!s.indices().is_empty()),
-            Err(e) => {
-                assert!(e.starts_with("GPU attribution disabled: "), "{e}");
-                assert!(!e.contains('\n'));
-            }
+            Err(e) => assert!(!e.to_string().contains('\n'), "{e}"),
         }
+        let missing = GpuOptions {
+            lib_path: Some("/nonexistent/libnvidia-ml.so.1".into()),
+            select: None,
+        };
+        let e = NvmlSampler::new(&missing).err().expect("no library there");
+        assert!(matches!(e, GpuError::Init(_)), "{e}");
+    }
+
+    #[test]
+    fn selectors_parse() {
+        assert_eq!("3".parse::<GpuSelector>(), Ok(GpuSelector::Index(3)));
+        assert_eq!(
+            "GPU-5afe0000-1111".parse::<GpuSelector>(),
+            Ok(GpuSelector::Uuid("GPU-5afe0000-1111".into()))
+        );
+        assert!("GPU 1".parse::<GpuSelector>().is_err());
+        assert!("".parse::<GpuSelector>().is_err());
     }
 }

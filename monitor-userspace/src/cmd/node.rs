@@ -1,0 +1,124 @@
+//! `stallmon node`: every job on the host, found as it starts (a process takes a GPU context,
+//! or a command line matches `--match`), followed until it ends, forgotten `--forget-after`
+//! later. One set of kernel programs serves all jobs.
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::{Endpoint, Stop, check_ready_path, print_summary, run_loop, trace::hostname};
+use crate::{
+    cli::{GpuChoice, NodeArgs},
+    discover::{DiscoverConfig, Jobs, node::NodeDiscovery},
+    exporter::http,
+    gpu::NvmlSampler,
+    kernel::{Kernel, LoadOptions},
+    preflight, privileges, record,
+    schema::ready::Ready,
+    session::{Parts, Session, Settings},
+};
+
+/// How often `--match` scans the process table.
+const MATCH_SCAN: Duration = Duration::from_secs(1);
+
+pub fn run(args: NodeArgs) -> Result<i32> {
+    let c = &args.common;
+    for w in c.warnings() {
+        tracing::warn!("{w}");
+    }
+    preflight::privileges()?;
+    preflight::btf()?;
+    preflight::tracefs(true)?;
+    let recorder_file = match &c.record {
+        Some(p) => Some((record::open(p, c.record_append)?, p.clone())),
+        None => None,
+    };
+    if let Some(p) = &c.ready_file {
+        check_ready_path(p)?;
+    }
+    let listener = http::bind(c.listen)?;
+    let kernel = Kernel::load(LoadOptions {
+        syscalls: c.syscalls,
+        slots: c.max_ranks,
+    })?;
+    let jobs = Jobs::new(DiscoverConfig {
+        max_slots: c.max_ranks,
+        feeder_tid: None,
+        forget_after: args.forget_after,
+    });
+    // Created before the capabilities go: it reads stallmon's own ancestry.
+    let discovery = NodeDiscovery::new(args.matchers.clone(), MATCH_SCAN);
+    privileges::drop_capabilities_after_attach().context("dropping capabilities after attach")?;
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let c = &args.common;
+        let endpoint = Endpoint::start(listener, c.interval)?;
+        let sampler = match c.gpu() {
+            GpuChoice::Off(why) => Err(why),
+            GpuChoice::Nvml(opts) => tokio::task::block_in_place(|| NvmlSampler::new(&opts))
+                .map_err(|e| format!("GPU attribution disabled: {e}")),
+        };
+        match &sampler {
+            Err(why) if args.matchers.is_empty() => {
+                tracing::warn!("{why}; without NVML and without --match no job will be found")
+            }
+            Err(why) => tracing::warn!("{why}"),
+            Ok(_) => {}
+        }
+        let pod_resources = args
+            .pod_resources_socket
+            .exists()
+            .then(|| args.pod_resources_socket.clone());
+        let mut session = Session::new(Parts {
+            settings: Settings {
+                mode: "node",
+                interval: c.interval,
+                syscalls: c.syscalls,
+                gpus_named: false,
+                pod_resources,
+                backfill: false,
+                hostname: hostname(),
+            },
+            kernel,
+            jobs,
+            node: Some(discovery),
+            sampler,
+            recorder: recorder_file.map(|(f, p)| record::Recorder::new(f, &p)),
+            view: endpoint.view.clone(),
+            health: endpoint.health.clone(),
+        });
+        tracing::info!(
+            "following every job on this host; metrics on http://{}/metrics",
+            endpoint.addr
+        );
+        let ready = Ready {
+            pid: std::process::id(),
+            listen: endpoint.addr.to_string(),
+            mode: "node".into(),
+            target_pid: 0,
+            syscalls: c.syscalls,
+        };
+        let stop = run_loop(
+            &mut session,
+            c.interval,
+            c.duration,
+            c.ready_file.as_ref(),
+            ready,
+            |_| false,
+        )
+        .await?;
+        let summary = session.finish(None);
+        endpoint.stop().await;
+        print_summary(&summary, c.json);
+        let why = match stop {
+            Stop::Signal(s) => s,
+            Stop::Duration => "duration reached",
+            Stop::Done => "done",
+        };
+        tracing::info!("stopped ({why})");
+        Ok(0)
+    })
+}
