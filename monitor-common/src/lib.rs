@@ -50,8 +50,13 @@ pub const STATE_OTHER_WAIT: u32 = 3;
 /// Runnable but not running: preempted, or not yet run after fork (waiting for a CPU).
 pub const STATE_CPU_WAIT: u32 = 4;
 pub const NUM_STATES: usize = 5;
-pub const STATE_NAMES: [&str; NUM_STATES] =
-    ["on_cpu", "storage_wait", "ipc_wait", "other_wait", "cpu_wait"];
+pub const STATE_NAMES: [&str; NUM_STATES] = [
+    "on_cpu",
+    "storage_wait",
+    "ipc_wait",
+    "other_wait",
+    "cpu_wait",
+];
 /// Feeder event state: the feeder thread exited (attribution treats it as unknown -> other).
 pub const STATE_EXITED: u32 = u32::MAX;
 

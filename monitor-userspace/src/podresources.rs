@@ -301,18 +301,26 @@ pub async fn list_gpu_owners(
     }
 }
 
-/// [`list_gpu_owners`] for synchronous callers: runs it on a private single-threaded runtime.
-/// Returns [`Error::Runtime`] (instead of panicking) when called from inside a Tokio runtime,
-/// where blocking is not allowed; use the async function there.
+/// [`list_gpu_owners`] for synchronous callers. Outside any Tokio runtime it runs on a private
+/// single-threaded runtime; on a multi-threaded runtime (synchronous code called from a task) it
+/// blocks in place on that runtime ([`tokio::task::block_in_place`]), so it also works from
+/// synchronous code inside `Runtime::block_on`. On a current-thread runtime, which cannot block,
+/// it returns [`Error::Runtime`] instead of panicking: await [`list_gpu_owners`] there.
 pub fn list_gpu_owners_blocking(
     socket: &Path,
     timeout: Duration,
 ) -> Result<HashMap<String, Vec<PodRef>>, Error> {
-    if tokio::runtime::Handle::try_current().is_ok() {
-        return Err(Error::Runtime(
-            "list_gpu_owners_blocking called inside a Tokio runtime; await list_gpu_owners instead"
-                .into(),
-        ));
+    if let Ok(handle) = tokio::runtime::Handle::try_current() {
+        return match handle.runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| handle.block_on(list_gpu_owners(socket, timeout)))
+            }
+            _ => Err(Error::Runtime(
+                "list_gpu_owners_blocking called on a current-thread Tokio runtime, which cannot \
+                 block; await list_gpu_owners instead"
+                    .into(),
+            )),
+        };
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -502,8 +510,19 @@ mod tests {
         assert!(matches!(e, Error::Unreachable { .. }), "{e:?}");
     }
 
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn blocking_helper_works_inside_a_multi_thread_runtime() {
+        // As `stallmon node` calls it: synchronous code on a runtime worker.
+        let e = list_gpu_owners_blocking(
+            Path::new("/nonexistent/stallmon-test/kubelet.sock"),
+            Duration::from_secs(1),
+        )
+        .unwrap_err();
+        assert!(matches!(e, Error::SocketMissing(_)), "{e:?}");
+    }
+
     #[tokio::test]
-    async fn blocking_helper_refuses_inside_a_runtime() {
+    async fn blocking_helper_refuses_on_a_current_thread_runtime() {
         let e = list_gpu_owners_blocking(Path::new(DEFAULT_SOCKET), Duration::from_secs(1))
             .unwrap_err();
         assert!(matches!(e, Error::Runtime(_)), "{e:?}");

@@ -374,16 +374,30 @@ impl Session {
                 tracing::warn!("following a new job: {e}");
             }
         }
-        let procs = self.kernel.procs();
-        self.jobs.observe(&[], Some(&procs));
+        // One read of the kernel's tables: discovery and the interval line see the same
+        // processes (a process both forked and exited since the last read is in both).
+        let slots: Vec<u32> = self.jobs.slots().into_iter().map(|(s, _, _)| s).collect();
+        let snap = match self.collector.snapshot(&self.kernel, &slots) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!("reading the kernel maps: {e}");
+                None
+            }
+        };
+        if let Some(snap) = &snap {
+            let procs: Vec<(u32, monitor_common::ProcInfo)> =
+                snap.procs.iter().map(|(&p, t)| (p, t.info)).collect();
+            self.jobs.observe(&[], Some(&procs));
+        }
         let changes = self.jobs.reassign(&mut self.kernel, &self.holders, true);
         self.apply_changes(changes);
         for r in &readings {
             self.remember(r);
         }
         self.emit_gpus(readings);
-
-        self.snapshot();
+        if let Some(snap) = snap {
+            self.interval_line(snap);
+        }
         if self.node.is_some() {
             let changes = self.jobs.forget_ended(&mut self.kernel, now);
             self.apply_changes(changes);
@@ -393,15 +407,9 @@ impl Session {
         self.health.touch();
     }
 
-    fn snapshot(&mut self) {
-        let slots: Vec<u32> = self.jobs.slots().into_iter().map(|(s, _, _)| s).collect();
-        let snap = match self.collector.snapshot(&self.kernel, &slots) {
-            Ok(s) => s,
-            Err(e) => {
-                tracing::warn!("reading the kernel maps: {e}");
-                return;
-            }
-        };
+    /// The interval line from a snapshot; then the kernel may forget the exited processes
+    /// whose final counters it holds.
+    fn interval_line(&mut self, snap: crate::collector::Snapshot) {
         let gone: Vec<(u32, u64)> = snap
             .procs
             .iter()
@@ -409,14 +417,18 @@ impl Session {
             .map(|(&pid, p)| (pid, p.info.start_ns))
             .collect();
         self.kernel_processes = (snap.procs.len() - gone.len()) as u64;
-        let files = sample_open_files(&self.jobs, 64);
+        // Where the jobs' data live: only for the verdict, so only when there is a GPU to give one.
+        let files = if self.sampler.is_some() {
+            sample_open_files(&self.jobs, 64)
+        } else {
+            Vec::new()
+        };
         let mut line = self.deltas.interval(snap, &self.jobs, files);
         line.record_errors = self.recorder.as_ref().map_or(0, Recorder::errors);
         self.emit(Line::Interval(line));
         if let Some(r) = &mut self.recorder {
             r.sync();
         }
-        // Final counters read: the kernel may forget exited processes.
         for (pid, start) in gone {
             self.kernel.forget(pid, start);
         }

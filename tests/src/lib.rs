@@ -1,16 +1,28 @@
-//! Shared harness of stallmon's privileged integration tests.
+//! Test support: the harness of stallmon's privileged integration tests, shared with the
+//! benchmark (`xtask`): starting stallmon and waiting for its ready file, the bundled workloads,
+//! the stand-in GPUs ([`gpu`]), process trees ([`procs`]), a slow disk, Prometheus helpers.
 //!
-//! These tests load eBPF programs, create cgroups and read `/sys/block`: they need root on a
+//! The tests load eBPF programs, create cgroups and read `/sys/block`: they need root on a
 //! kernel with BTF. They never skip: on a machine that cannot run them, [`require_privileged`]
 //! fails the test with the reason (and `cargo xtask test` sets everything up first).
+pub mod alerting;
+pub mod gpu;
+pub mod podresources_standin;
+pub mod procs;
 pub mod prom;
+pub mod scenario;
+pub mod zabbix;
 
 use std::{
+    ffi::OsStr,
     io::{BufRead, BufReader},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc,
+    },
     time::{Duration, Instant},
 };
 
@@ -101,25 +113,62 @@ pub fn require_privileged() {
     );
 }
 
-/// A running `stallmon trace`, with its metrics address parsed from stderr.
+/// Whether this run is CI's (`CI=true`): a test that cannot run there fails.
+pub fn ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// A unique scratch file path (not created).
+fn unique_path(tag: &str) -> PathBuf {
+    static N: AtomicU32 = AtomicU32::new(0);
+    std::env::temp_dir().join(format!(
+        "stallmon-{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ))
+}
+
+/// A running `stallmon trace` or `stallmon node`, ready: its `--ready-file` was written.
 pub struct Tracer {
     pub child: Child,
     pub addr: SocketAddr,
+    /// The ready document (`schema::ready::Ready` as JSON).
+    pub ready: serde_json::Value,
     stderr_rx: mpsc::Receiver<String>,
     pub stderr: Vec<String>,
+    /// stdout, drained as it comes (a full pipe would block stallmon's summary).
+    stdout: Option<std::thread::JoinHandle<String>>,
+    ready_file: PathBuf,
 }
 
 impl Tracer {
-    /// Starts `stallmon trace --listen 127.0.0.1:0 ARGS...` and waits until it is tracing.
+    /// Starts `stallmon trace --listen 127.0.0.1:0 ARGS...` and waits until it traces.
     pub fn start(args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(stallmon_bin())
-            .arg("trace")
-            .args(["--listen", "127.0.0.1:0"])
+        Self::launch("trace", args, &[])
+    }
+
+    /// Starts `stallmon SUBCOMMAND --listen 127.0.0.1:0 --ready-file F ARGS...` with extra
+    /// environment variables, and waits for the ready file.
+    pub fn launch(sub: &str, args: &[&str], env: &[(&str, &OsStr)]) -> Result<Self> {
+        let ready_file = unique_path("ready");
+        let mut cmd = Command::new(stallmon_bin());
+        cmd.arg(sub)
+            .args(["--listen", "127.0.0.1:0", "--ready-file"])
+            .arg(&ready_file)
             .args(args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("starting stallmon")?;
+            .stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().context("starting stallmon")?;
+        let mut out = child.stdout.take().unwrap();
+        let stdout = std::thread::spawn(move || {
+            let mut text = String::new();
+            use std::io::Read;
+            let _ = out.read_to_string(&mut text);
+            text
+        });
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -132,31 +181,47 @@ impl Tracer {
         let mut lines = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok(line) => {
-                    let addr = line
-                        .split("metrics on http://")
-                        .nth(1)
-                        .and_then(|rest| rest.strip_suffix("/metrics"))
-                        .and_then(|a| a.parse().ok());
-                    lines.push(line);
-                    if let Some(addr) = addr {
-                        return Ok(Self {
-                            child,
-                            addr,
-                            stderr_rx: rx,
-                            stderr: lines,
-                        });
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    let status = child.wait()?;
-                    bail!("stallmon did not start ({status}): {}", lines.join("\n"));
-                }
+            while let Ok(l) = rx.try_recv() {
+                lines.push(l);
             }
+            if let Ok(text) = std::fs::read_to_string(&ready_file)
+                && let Ok(ready) = serde_json::from_str::<serde_json::Value>(&text)
+            {
+                let addr = ready["listen"]
+                    .as_str()
+                    .and_then(|a| a.parse().ok())
+                    .ok_or_else(|| anyhow!("bad ready file: {text}"))?;
+                return Ok(Self {
+                    child,
+                    addr,
+                    ready,
+                    stderr_rx: rx,
+                    stderr: lines,
+                    stdout: Some(stdout),
+                    ready_file,
+                });
+            }
+            if let Some(status) = child.try_wait()? {
+                std::thread::sleep(Duration::from_millis(200));
+                while let Ok(l) = rx.try_recv() {
+                    lines.push(l);
+                }
+                bail!(
+                    "stallmon exited before it was ready ({status}): {}",
+                    lines.join("\n")
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("stallmon was not ready within 60 s: {}", lines.join("\n"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn scrape(&self) -> Result<String> {
@@ -165,6 +230,21 @@ impl Tracer {
             bail!("GET /metrics answered {code}");
         }
         Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Scrapes until `pred` holds on the exposition (or the deadline passes).
+    pub fn scrape_until(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let text = self.scrape()?;
+            if pred(&text) {
+                return Ok(text);
+            }
+            if Instant::now() > deadline {
+                bail!("condition not met within {timeout:?}; last scrape:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     /// Sends SIGINT (like Ctrl-C) and waits for the summary.
@@ -176,22 +256,32 @@ impl Tracer {
 
     /// Waits for stallmon to exit by itself (target exited or --duration).
     pub fn wait(mut self) -> Result<Finished> {
-        let mut stdout = String::new();
-        use std::io::Read;
-        self.child
+        let status = self.child.wait()?;
+        let stdout = self
             .stdout
             .take()
-            .unwrap()
-            .read_to_string(&mut stdout)?;
-        let status = self.child.wait()?;
+            .map(|h| h.join().unwrap_or_default())
+            .unwrap_or_default();
         while let Ok(line) = self.stderr_rx.recv_timeout(Duration::from_secs(2)) {
             self.stderr.push(line);
         }
+        let _ = std::fs::remove_file(&self.ready_file);
         Ok(Finished {
             status,
             stdout,
             stderr: self.stderr.join("\n"),
         })
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // stallmon and the command it started (a failed test must not leave a job behind).
+            procs::kill_tree(self.child.id());
+            let _ = self.child.wait();
+        }
+        let _ = std::fs::remove_file(&self.ready_file);
     }
 }
 
@@ -211,6 +301,11 @@ impl Finished {
             )
         })
     }
+}
+
+/// The one job of a `trace` summary.
+pub fn job(summary: &serde_json::Value) -> &serde_json::Value {
+    &summary["jobs"][0]
 }
 
 /// Value of one sample in a Prometheus text exposition (`name{labels}` written exactly as

@@ -1,36 +1,12 @@
 //! Privileged tests of what operators rely on: every dashboard panel answers with data from a
 //! real Prometheus scraping a live stallmon, capabilities are dropped after attach, and the
 //! job label comes from the job's environment.
-use std::{
-    io::Write,
-    process::{Child, Command},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
-    time::Duration,
+use std::{process::Command, time::Duration};
+
+use tests::{
+    Tracer, gpu::StandinGpus, job, metric_sum, procs::Reaper, prom, python, require_privileged,
+    scratch_dir, workload,
 };
-
-use tests::{Tracer, metric_sum, prom, python, require_privileged, scratch_dir, workload};
-
-struct Reaper(Child);
-
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Replaces Grafana's variables the way a dashboard with "All" selected would.
 fn expand(expr: &str) -> String {
@@ -40,6 +16,7 @@ fn expand(expr: &str) -> String {
         .replace("${datasource}", "")
         .replace("$instance", ".*")
         .replace("$job_name", ".*")
+        .replace("$rank", ".*")
         .replace("$gpu", ".*")
         .replace("$device", ".*")
 }
@@ -49,15 +26,13 @@ fn every_dashboard_panel_returns_data_from_a_live_stallmon() {
     require_privileged();
     let dir = scratch_dir("dashboard");
     let data = dir.join("data");
-    let gpu_file = dir.join("gpu.timeline");
-    std::fs::write(&gpu_file, "").unwrap();
     tests::loader_dataset(&data, 16, 64);
+    // The job's feeder holds a context on a simulated GPU busy 60 ms out of every 100 ms.
+    let gpus = StandinGpus::new("dashboard", 1, 100, 200);
     let py = python();
-    let args = [
-        "--interval".to_string(),
-        "0.5".into(),
-        "--simulate-gpu".into(),
-        gpu_file.to_string_lossy().into_owned(),
+    let mut args: Vec<String> = vec!["--interval".to_string(), "0.5".into()];
+    args.extend(gpus.args());
+    args.extend([
         "--job-name".into(),
         "dashboard-test".into(),
         "--".into(),
@@ -74,25 +49,11 @@ fn every_dashboard_panel_returns_data_from_a_live_stallmon() {
         "--drop-cache".into(),
         "--report".into(),
         dir.join("report.json").to_string_lossy().into_owned(),
-    ];
+        "--gpu-dir".into(),
+        gpus.path().to_string_lossy().into_owned(),
+    ]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let tracer = Tracer::start(&args).unwrap();
-
-    // A simulated GPU busy 60 ms out of every 100 ms.
-    let stop = Arc::new(AtomicBool::new(false));
-    let writer = {
-        let stop = stop.clone();
-        let path = gpu_file.clone();
-        std::thread::spawn(move || {
-            let mut f = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                let start = monotonic_ns();
-                std::thread::sleep(Duration::from_millis(60));
-                writeln!(f, "{start} {}", monotonic_ns()).unwrap();
-                std::thread::sleep(Duration::from_millis(40));
-            }
-        })
-    };
+    let tracer = Tracer::launch("trace", &args, &gpus.env()).unwrap();
 
     let server = prom::Prometheus::start(&tracer.addr.to_string()).unwrap();
     server
@@ -151,8 +112,6 @@ fn every_dashboard_panel_returns_data_from_a_live_stallmon() {
             );
         }
     }
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap();
     let text = tracer.scrape().unwrap();
     assert!(text.contains("job_name=\"dashboard-test\""));
     let _ = tracer.stop();
@@ -180,7 +139,7 @@ fn capabilities_are_dropped_after_attach() {
         "import os,time\ntime.sleep(2)\nif os.fork()==0:\n    time.sleep(3); os._exit(0)\ntime.sleep(4)",
     ])
     .unwrap();
-    let pid = tracer.child.id();
+    let pid = tracer.pid();
     std::thread::sleep(Duration::from_millis(500));
     let expected: u64 = (1 << 2) | (1 << 19);
     let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
@@ -219,22 +178,25 @@ fn capabilities_are_dropped_after_attach() {
     assert!(done.status.success(), "{}", done.stderr);
 }
 
+/// The job's identity labels come from the job's environment: SLURM's job id is `hpc_job`,
+/// torchrun's run id the `job_name`; `--job-name` wins.
 #[test]
-fn job_name_comes_from_the_job_environment() {
+fn job_labels_come_from_the_job_environment() {
     require_privileged();
     // Attached by PID: the target's own environment (Slurm).
-    let job = Reaper(
+    let sleeper = Reaper(
         Command::new("sleep")
             .arg("30")
             .env("SLURM_JOB_ID", "4242")
             .spawn()
             .unwrap(),
     );
-    let pid = job.0.id().to_string();
+    let pid = sleeper.pid().to_string();
     let tracer = Tracer::start(&["--pid", &pid, "--no-gpu"]).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
     let text = tracer.scrape().unwrap();
-    assert!(text.contains("job_name=\"slurm-4242\""), "{text}");
+    assert!(text.contains("hpc_job=\"4242\""), "{text}");
+    assert!(text.contains("job_name=\"sleep\""), "{text}");
     let _ = tracer.stop();
 
     // An explicit --job-name wins.
@@ -259,5 +221,5 @@ fn job_name_comes_from_the_job_environment() {
         .output()
         .unwrap();
     let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(s["job_name"], "elastic-7");
+    assert_eq!(job(&s)["labels"]["job_name"], "elastic-7");
 }

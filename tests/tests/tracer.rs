@@ -1,28 +1,35 @@
-//! Privileged end-to-end tests of the kernel tracer: ground truth from the kernel's own block
+//! Privileged end-to-end tests of the kernel tracer, in both modes (the default, which classifies
+//! waits at the context switch, and `--syscalls`): ground truth from the kernel's own block
 //! statistics and from the workloads' own measurements, the process tree, thread states,
-//! Prometheus, and every bad input. They fail (never skip) where they cannot run.
+//! Prometheus. They fail (never skip) where they cannot run.
 use std::{
     collections::HashSet,
-    net::TcpListener,
-    os::unix::process::CommandExt,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
 use serde_json::Value;
 use tests::{
-    SlowDisk, Tracer, disk_name_of, drop_caches, metric_sum, prom, python, require_privileged,
-    scratch_dir, stallmon_bin, workload,
+    SlowDisk, Tracer, disk_name_of, drop_caches, job, metric_sum, procs::Reaper, prom, python,
+    require_privileged, scratch_dir, workload,
 };
 
-/// Kills a child process when dropped (workloads must never outlive a failed test).
-struct Reaper(Child);
+/// How stallmon classifies reads.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Mode {
+    /// No syscall tracepoint: read stalls at the context switch, per-task I/O accounting.
+    Default,
+    /// `--syscalls`: every read call with its latency and bytes.
+    Syscalls,
+}
 
-impl Drop for Reaper {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+impl Mode {
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Mode::Default => &[],
+            Mode::Syscalls => &["--syscalls"],
+        }
     }
 }
 
@@ -58,17 +65,39 @@ fn block_entry<'a>(summary: &'a Value, dev: &str, op: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("no block entry for {dev} {op}: {summary}"))
 }
 
+/// `--syscalls`: the read calls of a role and fd kind.
 fn read_entry<'a>(summary: &'a Value, role: &str, kind: &str) -> &'a Value {
-    summary["reads"]
+    job(summary)["reads"]
         .as_array()
         .unwrap()
         .iter()
         .find(|r| r["role"] == role && r["fd_kind"] == kind)
+        .unwrap_or_else(|| panic!("no reads for {role} {kind}: {summary}"))
+}
+
+/// The read stalls of a role and fd kind.
+fn stall_entry<'a>(summary: &'a Value, role: &str, kind: &str) -> &'a Value {
+    job(summary)["stalls"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["role"] == role && r["fd_kind"] == kind)
+        .unwrap_or_else(|| panic!("no stalls for {role} {kind}: {summary}"))
+}
+
+fn task_io<'a>(summary: &'a Value, role: &str) -> &'a Value {
+    job(summary)["task_io"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["role"] == role)
         .unwrap()
 }
 
+/// A role's (on_cpu, storage_wait, ipc_wait, other) seconds; other includes cpu_wait (runnable,
+/// waiting for a CPU), which stallmon reports apart.
 fn role_states(summary: &Value, role: &str) -> (f64, f64, f64, f64) {
-    let r = summary["roles"]
+    let r = job(summary)["roles"]
         .as_array()
         .unwrap()
         .iter()
@@ -80,14 +109,42 @@ fn role_states(summary: &Value, role: &str) -> (f64, f64, f64, f64) {
         g("on_cpu"),
         g("storage_wait"),
         g("ipc_wait"),
-        g("other_wait"),
+        g("other_wait") + g("cpu_wait"),
     )
 }
 
-/// Block layer vs /sys/block/<dev>/stat, and read-syscall histogram vs the workload's own
-/// timing, for at least 5,000 O_DIRECT 4 KiB reads.
-#[test]
-fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
+/// Where the central 98% of a histogram's mass lies, in seconds: [lower, upper].
+fn central_mass(hist: &Value) -> (f64, f64) {
+    let hist: Vec<u64> = hist
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap())
+        .collect();
+    let total: u64 = hist.iter().sum();
+    let (mut lo, mut hi, mut seen) = (None, 0, 0u64);
+    for (i, c) in hist.iter().enumerate() {
+        seen += c;
+        if lo.is_none() && seen as f64 > 0.01 * total as f64 {
+            lo = Some(i);
+        }
+        if *c > 0 && (seen - c) as f64 <= 0.99 * total as f64 {
+            hi = i;
+        }
+    }
+    let lo = lo.unwrap();
+    let lower = if lo == 0 {
+        0.0
+    } else {
+        (1u64 << (lo - 1)) as f64 * 1e-6
+    };
+    (lower, (1u64 << hi) as f64 * 1e-6)
+}
+
+/// Block layer vs /sys/block/<dev>/stat, and the reads (whole calls with --syscalls, the sleeps
+/// inside them by default) vs the workload's own timing, for at least 5,000 O_DIRECT 4 KiB
+/// reads.
+fn odirect_reads(mode: Mode) {
     require_privileged();
     let dir = scratch_dir("odirect");
     let file = dir.join("data.bin");
@@ -123,9 +180,10 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
             .spawn()
             .unwrap(),
     );
-    let pid = wl.0.id().to_string();
-    let tracer =
-        Tracer::start(&["--pid", &pid, "--json", "--no-gpu", "--interval", "0.1"]).unwrap();
+    let pid = wl.pid().to_string();
+    let mut args = vec!["--pid", &pid, "--json", "--no-gpu", "--interval", "0.1"];
+    args.extend(mode.args());
+    let tracer = Tracer::start(&args).unwrap();
     // Same window on both sides: read the kernel's counters, then scrape once the tracer has taken
     // its next snapshot (interval 0.1 s), at the start and at the end of the workload's reads.
     let traced = |text: &str| {
@@ -154,7 +212,7 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
     let count_err = (traced_reads as f64 - stat_reads as f64).abs() / stat_reads as f64;
     let bytes_err = (traced_bytes as f64 - stat_bytes as f64).abs() / stat_bytes as f64;
     println!(
-        "ground truth on {dev}: /sys/block stat {stat_reads} reads {stat_bytes} B; tracer {traced_reads} reads {traced_bytes} B; error {:.3}% / {:.3}%",
+        "{mode:?}: ground truth on {dev}: /sys/block stat {stat_reads} reads {stat_bytes} B; tracer {traced_reads} reads {traced_bytes} B; error {:.3}% / {:.3}%",
         count_err * 100.0,
         bytes_err * 100.0
     );
@@ -182,39 +240,40 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
     );
     // Every traced read has a latency (issued after attach), and queue time is tracked.
     assert!(b["latency"]["count"].as_u64().unwrap() + 5 >= traced_reads);
+    assert!(b["queue"]["count"].as_u64().unwrap() > 0);
 
     // The workload's own mean read latency lies inside the tracer's histogram mass.
-    let r = read_entry(&summary, "feeder", "file");
-    assert!(r["count"].as_u64().unwrap() >= 6000);
-    assert_eq!(r["bytes"].as_u64().unwrap(), own["bytes"].as_u64().unwrap());
-    let hist: Vec<u64> = r["latency"]["histogram"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_u64().unwrap())
-        .collect();
-    let total: u64 = hist.iter().sum();
-    let (mut lo, mut hi, mut seen) = (None, 0, 0u64);
-    for (i, c) in hist.iter().enumerate() {
-        seen += c;
-        if lo.is_none() && seen as f64 > 0.01 * total as f64 {
-            lo = Some(i);
-        }
-        if *c > 0 && (seen - c) as f64 <= 0.99 * total as f64 {
-            hi = i;
-        }
-    }
-    let lo = lo.unwrap();
-    let lower = if lo == 0 {
-        0.0
-    } else {
-        (1u64 << (lo - 1)) as f64 * 1e-6
-    };
-    let upper = (1u64 << hi) as f64 * 1e-6;
     let own_mean = own["mean_s"].as_f64().unwrap();
-    let traced_mean = r["latency"]["mean_seconds"].as_f64().unwrap();
+    let own_bytes = own["bytes"].as_u64().unwrap();
+    let io = task_io(&summary, "feeder");
+    assert!(io["read_syscalls"].as_u64().unwrap() >= 6000, "{io}");
+    assert!(
+        io["storage_read_bytes"].as_u64().unwrap() >= own_bytes * 98 / 100,
+        "per-task storage bytes {io} vs {own_bytes}"
+    );
+    let (what, entry, lo_ratio) = match mode {
+        Mode::Syscalls => {
+            let r = read_entry(&summary, "feeder", "file");
+            assert!(r["count"].as_u64().unwrap() >= 6000);
+            assert_eq!(r["bytes"].as_u64().unwrap(), own_bytes);
+            ("read calls", r, 0.7)
+        }
+        Mode::Default => {
+            // Each O_DIRECT read sleeps until the disk answers: one stall per read (at least),
+            // a little shorter than the whole call.
+            let s = stall_entry(&summary, "feeder", "file");
+            assert!(
+                s["latency"]["count"].as_u64().unwrap() >= 6000 * 98 / 100,
+                "{s}"
+            );
+            assert!(job(&summary)["reads"].as_array().unwrap().is_empty());
+            ("read stalls", s, 0.6)
+        }
+    };
+    let (lower, upper) = central_mass(&entry["latency"]["histogram"]);
+    let traced_mean = entry["latency"]["mean_seconds"].as_f64().unwrap();
     println!(
-        "read latency: workload mean {:.1} us, tracer mean {:.1} us, tracer 98% mass in [{:.0}, {:.0}] us",
+        "{mode:?}: workload read mean {:.1} us, tracer {what} mean {:.1} us, 98% mass in [{:.0}, {:.0}] us",
         own_mean * 1e6,
         traced_mean * 1e6,
         lower * 1e6,
@@ -226,45 +285,31 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
     );
     let ratio = traced_mean / own_mean;
     assert!(
-        (0.7..=1.1).contains(&ratio),
+        (lo_ratio..=1.1).contains(&ratio),
         "tracer/workload mean ratio {ratio}"
     );
 }
 
+#[test]
+fn odirect_reads_agree_with_kernel_stat_and_workload_timing() {
+    odirect_reads(Mode::Default);
+}
+
+#[test]
+fn odirect_reads_agree_with_kernel_stat_and_workload_timing_syscalls() {
+    odirect_reads(Mode::Syscalls);
+}
+
 fn live_descendants(root: u32) -> HashSet<u32> {
-    let mut parent = std::collections::HashMap::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            && let Some((_, rest)) = stat.rsplit_once(") ")
-            && !rest.starts_with('Z')
-            && let Some(pp) = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok())
-        {
-            parent.insert(pid, pp);
-        }
-    }
-    parent
-        .keys()
-        .copied()
-        .filter(|&p| {
-            let mut cur = p;
-            for _ in 0..64 {
-                match parent.get(&cur) {
-                    Some(&pp) if pp == root => return true,
-                    Some(&pp) if pp > 1 => cur = pp,
-                    _ => return false,
-                }
-            }
-            false
-        })
+    tests::procs::descendants(root)
+        .into_iter()
+        .filter(|&p| tests::procs::alive(p))
         .collect()
 }
 
 /// Workers started the way PyTorch's DataLoader starts them are all tracked, exited ones are
 /// removed, and per-role counts are right.
-fn process_tree(start_method: &str) {
+fn process_tree(start_method: &str, mode: Mode) {
     require_privileged();
     let dir = scratch_dir(&format!("tree-{start_method}"));
     let data = dir.join("data");
@@ -279,11 +324,9 @@ fn process_tree(start_method: &str) {
         data.to_str().unwrap(),
         report.to_str().unwrap(),
     );
-    let tracer = Tracer::start(&[
-        "--json",
-        "--no-gpu",
-        "--interval",
-        "0.2",
+    let mut args = vec!["--json", "--no-gpu", "--interval", "0.2"];
+    args.extend(mode.args());
+    args.extend([
         "--",
         py_s,
         script_s,
@@ -303,8 +346,8 @@ fn process_tree(start_method: &str) {
         "3",
         "--report",
         report_s,
-    ])
-    .unwrap();
+    ]);
+    let tracer = Tracer::start(&args).unwrap();
     // While the workers run, every one of them is tracked.
     let mut max_workers = 0.0f64;
     while !report.exists() {
@@ -336,7 +379,7 @@ fn process_tree(start_method: &str) {
         .map(|p| p.as_u64().unwrap() as u32)
         .collect();
     println!(
-        "{start_method}: workers {workers:?}, max tracked workers {max_workers}, after join {tracked_now} tracked vs {} live descendants",
+        "{start_method} {mode:?}: workers {workers:?}, max tracked workers {max_workers}, after join {tracked_now} tracked vs {} live descendants",
         live.len()
     );
     assert!(
@@ -349,7 +392,7 @@ fn process_tree(start_method: &str) {
         "exited workers still tracked"
     );
     assert_eq!(feeders, 1.0);
-    let procs = summary["processes"].as_array().unwrap();
+    let procs = job(&summary)["processes"].as_array().unwrap();
     for w in &workers {
         let p = procs
             .iter()
@@ -357,10 +400,11 @@ fn process_tree(start_method: &str) {
             .unwrap_or_else(|| panic!("worker {w} not tracked: {procs:?}"));
         assert_eq!(p["role"], "worker");
         assert_eq!(p["exited"], true);
-        assert!(
-            p["read_bytes"][0].as_u64().unwrap() > 0,
-            "worker {w} read no file bytes"
-        );
+        let bytes = match mode {
+            Mode::Syscalls => p["read_bytes"][0].as_u64().unwrap(),
+            Mode::Default => p["task_read_bytes"].as_u64().unwrap(),
+        };
+        assert!(bytes > 0, "worker {w} read no file bytes");
         if start_method == "spawn" {
             // spawn = fork + exec of a fresh interpreter (forkserver workers are forked from a
             // server that exec'd once, so they exec nothing themselves).
@@ -373,38 +417,68 @@ fn process_tree(start_method: &str) {
     let feeders: Vec<&Value> = procs.iter().filter(|p| p["role"] == "feeder").collect();
     assert_eq!(feeders.len(), 1);
     assert_eq!(feeders[0]["pid"], feeder);
-    let file_bytes = read_entry(&summary, "worker", "file")["bytes"]
-        .as_u64()
-        .unwrap();
-    assert!(
-        file_bytes >= own["bytes"].as_u64().unwrap(),
-        "worker file bytes {file_bytes}"
+    let ranks = job(&summary)["ranks"].as_array().unwrap();
+    assert_eq!(ranks.len(), 1, "{ranks:?}");
+    assert_eq!(
+        ranks[0]["feeders"].as_array().unwrap().last().unwrap()["pid"],
+        feeder
     );
-    // The batches came through a pipe: the feeder's pipe reads are ipc, not file.
-    assert!(
-        read_entry(&summary, "feeder", "ipc")["count"]
-            .as_u64()
-            .unwrap()
-            > 0
-    );
+    let own_bytes = own["bytes"].as_u64().unwrap();
+    match mode {
+        Mode::Syscalls => {
+            let file_bytes = read_entry(&summary, "worker", "file")["bytes"]
+                .as_u64()
+                .unwrap();
+            assert!(file_bytes >= own_bytes, "worker file bytes {file_bytes}");
+            // The batches came through a pipe: the feeder's pipe reads are ipc, not file.
+            assert!(
+                read_entry(&summary, "feeder", "ipc")["count"]
+                    .as_u64()
+                    .unwrap()
+                    > 0
+            );
+        }
+        Mode::Default => {
+            let read = task_io(&summary, "worker")["read_bytes"].as_u64().unwrap();
+            assert!(read >= own_bytes, "worker bytes read {read} < {own_bytes}");
+            // The feeder sleeps reading the pipe the batches come through: ipc stalls.
+            assert!(
+                stall_entry(&summary, "feeder", "ipc")["latency"]["count"]
+                    .as_u64()
+                    .unwrap()
+                    > 0
+            );
+        }
+    }
 }
 
 #[test]
 fn dataloader_fork_workers_are_tracked() {
-    process_tree("fork");
+    process_tree("fork", Mode::Default);
+}
+
+#[test]
+fn dataloader_fork_workers_are_tracked_syscalls() {
+    process_tree("fork", Mode::Syscalls);
 }
 
 #[test]
 fn dataloader_spawn_workers_are_tracked() {
-    process_tree("spawn");
+    process_tree("spawn", Mode::Default);
 }
 
 #[test]
 fn dataloader_forkserver_workers_are_tracked() {
-    process_tree("forkserver");
+    process_tree("forkserver", Mode::Syscalls);
 }
 
-fn run_loader(dir: &Path, slow: Option<&SlowDisk>, drop_cache: bool, rounds: u32) -> Value {
+fn run_loader(
+    dir: &Path,
+    slow: Option<&SlowDisk>,
+    drop_cache: bool,
+    rounds: u32,
+    mode: Mode,
+) -> Value {
     let data = dir.join("data");
     let report = dir.join("report.json");
     let _ = std::fs::remove_file(&report);
@@ -435,7 +509,9 @@ fn run_loader(dir: &Path, slow: Option<&SlowDisk>, drop_cache: bool, rounds: u32
         Some(s) => s.wrap(&argv),
         None => argv,
     };
-    let mut args = vec!["--json", "--no-gpu", "--"];
+    let mut args = vec!["--json", "--no-gpu"];
+    args.extend(mode.args());
+    args.push("--");
     args.extend(argv.iter().map(String::as_str));
     let done = Tracer::start(&args).unwrap().wait().unwrap();
     assert!(done.status.success(), "{}", done.stderr);
@@ -444,8 +520,7 @@ fn run_loader(dir: &Path, slow: Option<&SlowDisk>, drop_cache: bool, rounds: u32
 
 /// Workers reading through a throttled disk are mostly in storage_wait, the feeder waiting on
 /// their pipe is in ipc_wait; from the page cache, storage_wait is near zero.
-#[test]
-fn thread_states_follow_the_bottleneck() {
+fn thread_states(mode: Mode) {
     require_privileged();
     let dir = scratch_dir("states");
     let data = dir.join("data");
@@ -454,13 +529,13 @@ fn thread_states_follow_the_bottleneck() {
     // 6 MiB through a 2 MiB/s disk: ~3 s of reading.
     drop_caches();
     let slow = SlowDisk::new("stallmon-test-states", &data, 2 * 1024 * 1024).unwrap();
-    let throttled = run_loader(&dir, Some(&slow), true, 1);
+    let throttled = run_loader(&dir, Some(&slow), true, 1, mode);
     drop(slow);
     let (w_cpu, w_sto, w_ipc, w_oth) = role_states(&throttled, "worker");
     let (f_cpu, f_sto, f_ipc, f_oth) = role_states(&throttled, "feeder");
     let f_total = f_cpu + f_sto + f_ipc + f_oth;
     println!(
-        "throttled: workers cpu {w_cpu:.2} storage {w_sto:.2} ipc {w_ipc:.2} other {w_oth:.2}; feeder cpu {f_cpu:.2} storage {f_sto:.2} ipc {f_ipc:.2} other {f_oth:.2}"
+        "{mode:?} throttled: workers cpu {w_cpu:.2} storage {w_sto:.2} ipc {w_ipc:.2} other {w_oth:.2}; feeder cpu {f_cpu:.2} storage {f_sto:.2} ipc {f_ipc:.2} other {f_oth:.2}"
     );
     // Each worker also has multiprocessing's queue-feeder thread, idle in a futex wait
     // (ipc_wait) for the whole run; among the rest, reading dominates.
@@ -485,11 +560,11 @@ fn thread_states_follow_the_bottleneck() {
         let _ = std::fs::read(e.path());
     }
     // Enough work (10 passes over the data, 2 ms of CPU per item) that a share means something.
-    let cached = run_loader(&dir, None, false, 10);
+    let cached = run_loader(&dir, None, false, 10, mode);
     let (w_cpu, w_sto, w_ipc, w_oth) = role_states(&cached, "worker");
     let w_total = w_cpu + w_sto + w_ipc + w_oth;
     println!(
-        "page cache: workers cpu {w_cpu:.3} storage {w_sto:.3} ipc {w_ipc:.3} other {w_oth:.3}"
+        "{mode:?} page cache: workers cpu {w_cpu:.3} storage {w_sto:.3} ipc {w_ipc:.3} other {w_oth:.3}"
     );
     assert!(
         w_sto / w_total < 0.05 && w_sto < 0.05,
@@ -499,17 +574,51 @@ fn thread_states_follow_the_bottleneck() {
 
     // Pipe reads are ipc, file reads are file.
     for s in [&throttled, &cached] {
-        assert!(read_entry(s, "feeder", "ipc")["count"].as_u64().unwrap() > 0);
-        assert!(read_entry(s, "worker", "file")["bytes"].as_u64().unwrap() >= 24 * 256 * 1024);
+        match mode {
+            Mode::Syscalls => {
+                assert!(read_entry(s, "feeder", "ipc")["count"].as_u64().unwrap() > 0);
+                assert!(
+                    read_entry(s, "worker", "file")["bytes"].as_u64().unwrap() >= 24 * 256 * 1024
+                );
+            }
+            Mode::Default => {
+                assert!(
+                    stall_entry(s, "feeder", "ipc")["latency"]["count"]
+                        .as_u64()
+                        .unwrap()
+                        > 0
+                );
+                assert!(task_io(s, "worker")["read_bytes"].as_u64().unwrap() >= 24 * 256 * 1024);
+            }
+        }
     }
+    // Throttled reads sleep: file stalls of the workers.
+    assert!(
+        stall_entry(&throttled, "worker", "file")["latency"]["count"]
+            .as_u64()
+            .unwrap()
+            > 0
+    );
 }
 
-const METRICS: [&str; 8] = [
+#[test]
+fn thread_states_follow_the_bottleneck() {
+    thread_states(Mode::Default);
+}
+
+#[test]
+fn thread_states_follow_the_bottleneck_syscalls() {
+    thread_states(Mode::Syscalls);
+}
+
+const METRICS: [&str; 10] = [
     "stallmon_block_io_latency_seconds_bucket",
     "stallmon_block_io_queue_seconds_bucket",
     "stallmon_block_io_bytes_total",
+    "stallmon_read_stall_seconds_bucket",
     "stallmon_read_latency_seconds_bucket",
     "stallmon_read_bytes_total",
+    "stallmon_task_read_bytes_total",
     "stallmon_task_state_seconds_total",
     "stallmon_tracked_processes",
     "stallmon_dropped_events_total",
@@ -527,6 +636,7 @@ fn prometheus_scrapes_every_metric() {
     let py = python();
     let args = [
         "--no-gpu".to_string(),
+        "--syscalls".into(),
         "--interval".into(),
         "0.5".into(),
         "--".into(),
@@ -580,10 +690,14 @@ fn prometheus_scrapes_every_metric() {
             v.as_array().map_or(0, |a| a.len())
         );
     }
-    // A real question: the job's worker read p99 over the last minute.
-    let q = "histogram_quantile(0.99, sum by (le) (rate(stallmon_read_latency_seconds_bucket{role=\"worker\",fd_kind=\"file\"}[1m])))";
-    let v = server.wait_for_series(q, Duration::from_secs(30)).unwrap();
-    println!("worker file read p99: {v}");
+    // A real question: the job's worker read p99 over the last minute, per call and per stall.
+    for q in [
+        "histogram_quantile(0.99, sum by (le) (rate(stallmon_read_latency_seconds_bucket{role=\"worker\",fd_kind=\"file\"}[1m])))",
+        "histogram_quantile(0.99, sum by (le) (rate(stallmon_read_stall_seconds_bucket{role=\"worker\",fd_kind=\"file\"}[1m])))",
+    ] {
+        let v = server.wait_for_series(q, Duration::from_secs(30)).unwrap();
+        println!("{q}: {v}");
+    }
     // Interrupted, stallmon stops the command it started and exits with its status (SIGTERM).
     let done = tracer.stop().unwrap();
     assert_eq!(done.status.code(), Some(143), "{}", done.stderr);
@@ -591,225 +705,5 @@ fn prometheus_scrapes_every_metric() {
         done.stderr.contains("stopped (interrupted)"),
         "{}",
         done.stderr
-    );
-}
-
-fn stallmon(args: &[&str]) -> std::process::Output {
-    Command::new(stallmon_bin()).args(args).output().unwrap()
-}
-
-fn stderr_of(o: &std::process::Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-/// Runs `stallmon trace --listen 127.0.0.1:0 -- true` with `env` set and asserts a one-line
-/// error containing `needle` and exit status 1.
-fn expect_trace_error(env: (&str, &str), needle: &str) {
-    let o = Command::new(stallmon_bin())
-        .args(["trace", "--listen", "127.0.0.1:0", "--", "true"])
-        .env(env.0, env.1)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(e.contains(needle), "{e}");
-    assert_eq!(e.trim().lines().count(), 1, "{e}");
-}
-
-#[test]
-fn unknown_pid_is_a_clear_error() {
-    require_privileged();
-    let o = stallmon(&["trace", "--listen", "127.0.0.1:0", "--pid", "4000000"]);
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(e.contains("no such process: PID 4000000"), "{e}");
-    assert_eq!(e.trim().lines().count(), 1, "{e}");
-}
-
-#[test]
-fn non_root_is_a_clear_error() {
-    require_privileged();
-    let o = Command::new(stallmon_bin())
-        .args(["trace", "--listen", "127.0.0.1:0", "--pid", "1"])
-        .uid(65534)
-        .gid(65534)
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(e.contains("needs root or CAP_BPF+CAP_PERFMON"), "{e}");
-}
-
-#[test]
-fn missing_btf_and_tracefs_are_clear_errors() {
-    require_privileged();
-    expect_trace_error(
-        ("STALLMON_BTF_PATH", "/nonexistent/vmlinux"),
-        "kernel BTF not found at /nonexistent/vmlinux",
-    );
-    expect_trace_error(
-        ("STALLMON_TRACEFS", "/nonexistent/tracing"),
-        "tracefs is not mounted at /nonexistent/tracing",
-    );
-
-    // `stallmon check` reports the same as FAIL lines and exits non-zero.
-    let o = Command::new(stallmon_bin())
-        .args(["check", "--no-load"])
-        .env("STALLMON_TRACEFS", "/nonexistent/tracing")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(1));
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert!(out.contains("FAIL  tracefs"), "{out}");
-}
-
-#[test]
-fn check_passes_on_this_machine() {
-    require_privileged();
-    let o = stallmon(&["check"]);
-    let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(0), "{out}");
-    assert!(out.contains("PASS  load and attach"), "{out}");
-    assert!(
-        out.contains("WARN  NVML") || out.contains("PASS  NVML"),
-        "{out}"
-    );
-}
-
-#[test]
-fn port_in_use_is_a_clear_error() {
-    require_privileged();
-    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = busy.local_addr().unwrap().to_string();
-    let o = stallmon(&["trace", "--listen", &addr, "--", "true"]);
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(
-        e.contains(&format!("cannot listen on {addr}: address already in use")),
-        "{e}"
-    );
-}
-
-#[test]
-fn command_that_cannot_start_is_a_clear_error() {
-    require_privileged();
-    let o = stallmon(&[
-        "trace",
-        "--listen",
-        "127.0.0.1:0",
-        "--",
-        "/nonexistent/train.py",
-    ]);
-    assert_eq!(o.status.code(), Some(1));
-    let e = stderr_of(&o);
-    assert!(
-        e.contains("cannot start command \"/nonexistent/train.py\""),
-        "{e}"
-    );
-}
-
-#[test]
-fn command_exit_status_is_passed_through() {
-    require_privileged();
-    let o = stallmon(&[
-        "trace",
-        "--listen",
-        "127.0.0.1:0",
-        "--no-gpu",
-        "--",
-        "sh",
-        "-c",
-        "exit 7",
-    ]);
-    assert_eq!(o.status.code(), Some(7), "{}", stderr_of(&o));
-    assert!(stderr_of(&o).contains("stallmon summary"));
-}
-
-#[test]
-fn target_exiting_mid_run_ends_with_a_summary() {
-    require_privileged();
-    let sleeper = Reaper(Command::new("sleep").arg("2").spawn().unwrap());
-    let pid = sleeper.0.id().to_string();
-    let t0 = Instant::now();
-    let done = Tracer::start(&["--pid", &pid, "--json", "--no-gpu"])
-        .unwrap()
-        .wait()
-        .unwrap();
-    assert!(t0.elapsed() < Duration::from_secs(15));
-    assert!(done.status.success(), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("stopped (target exited)"),
-        "{}",
-        done.stderr
-    );
-    let s = done.summary().unwrap();
-    assert_eq!(s["target_pid"].as_u64().unwrap().to_string(), pid);
-}
-
-#[test]
-fn sigterm_detaches_cleanly_and_flushes_the_record() {
-    require_privileged();
-    let sleeper = Reaper(Command::new("sleep").arg("100").spawn().unwrap());
-    let pid = sleeper.0.id().to_string();
-    let record = scratch_dir("record").join("trace.jsonl");
-    let _ = std::fs::remove_file(&record);
-    let tracer = Tracer::start(&[
-        "--pid",
-        &pid,
-        "--no-gpu",
-        "--interval",
-        "0.3",
-        "--record",
-        record.to_str().unwrap(),
-    ])
-    .unwrap();
-    std::thread::sleep(Duration::from_secs(1));
-    // SAFETY: signalling our own child.
-    unsafe { libc::kill(tracer.child.id() as i32, libc::SIGTERM) };
-    let done = tracer.wait().unwrap();
-    assert!(done.status.success(), "{}", done.stderr);
-    assert!(
-        done.stderr.contains("stopped (terminated)"),
-        "{}",
-        done.stderr
-    );
-    let text = std::fs::read_to_string(&record).unwrap();
-    let types: Vec<String> = text
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<Value>(l).unwrap()["type"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
-    assert_eq!(types.first().map(String::as_str), Some("header"));
-    assert!(
-        types.iter().filter(|t| *t == "interval").count() >= 2,
-        "{types:?}"
-    );
-    assert_eq!(types.last().map(String::as_str), Some("summary"));
-    // The target survives its tracer, and no program stays attached.
-    assert!(Path::new(&format!("/proc/{pid}")).exists());
-}
-
-#[test]
-fn duration_stops_tracing() {
-    require_privileged();
-    let sleeper = Reaper(Command::new("sleep").arg("100").spawn().unwrap());
-    let pid = sleeper.0.id().to_string();
-    let t0 = Instant::now();
-    let done = Tracer::start(&["--pid", &pid, "--no-gpu", "--duration", "1.5", "--json"])
-        .unwrap()
-        .wait()
-        .unwrap();
-    assert!(done.status.success());
-    assert!(t0.elapsed() < Duration::from_secs(10));
-    assert!(done.stderr.contains("stopped (duration reached)"));
-    assert!(
-        done.summary().unwrap()["duration_seconds"]
-            .as_f64()
-            .unwrap()
-            >= 1.5
     );
 }

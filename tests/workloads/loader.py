@@ -50,6 +50,27 @@ def worker(wid, nworkers, paths, rounds, cpu_ms, drop_cache, out):
     out.put(None)
 
 
+def start_gpu(gpu_dir):
+    """The feeder holds a context on stand-in GPU 0, busy 60 ms out of every 100 ms (a thread)."""
+    import sys
+    import threading
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from standin_gpu import StandinGpu
+
+    gpu = StandinGpu(gpu_dir, 0)
+    gpu.open_context()
+
+    def steps():
+        while True:
+            start = time.monotonic_ns()
+            time.sleep(0.06)
+            gpu.step(start, time.monotonic_ns())
+            time.sleep(0.04)
+
+    threading.Thread(target=steps, daemon=True).start()
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -64,12 +85,15 @@ def main():
     ap.add_argument("--hold", type=float, default=0.0)
     ap.add_argument("--report", required=True)
     ap.add_argument("--create", action="store_true")
+    ap.add_argument("--gpu-dir", help="hold a context on stand-in GPU 0 there, busy 60 ms of 100")
     args = ap.parse_args()
 
     if args.create:
         make_dataset(args.data, args.files, args.kib)
         return
     time.sleep(args.delay)
+    if args.gpu_dir:
+        start_gpu(args.gpu_dir)
     paths = sorted(os.path.join(args.data, p) for p in os.listdir(args.data))[: args.files]
     ctx = mp.get_context(args.start_method)
     q = ctx.Queue(maxsize=max(2, 2 * args.workers))

@@ -8,6 +8,14 @@ tensors (uint8 -> float, normalize, random flip). With ``--uncached`` each file'
 from the page cache after it is read (``posix_fadvise(POSIX_FADV_DONTNEED)``), so every epoch reads
 the disk again; ``--prepare --uncached`` also evicts the dataset after creating it.
 
+Under torchrun (``python -m torch.distributed.run --nproc_per_node N torch_train.py ...``) each rank
+reads ``LOCAL_RANK``, ``RANK`` and ``WORLD_SIZE`` from its environment and trains on GPU
+``LOCAL_RANK % device_count`` (so several ranks may share one GPU). With ``--ddp`` the ranks form a
+process group (NCCL when every local rank has a GPU of its own, else gloo, which allows ranks that
+share a GPU), shard the dataset (``DistributedSampler``), wrap the model in
+``DistributedDataParallel`` (a gradient all-reduce per step), and agree every step on when to stop,
+so that no rank waits for a peer that has left. Without ``--ddp`` ranks train independently.
+
 Needs only PyTorch (preinstalled on GPU hosts); nothing is downloaded. Nothing is printed on stdout
 (under ``stallmon trace --json`` the job's stdout is stallmon's): progress goes to stderr.
 """
@@ -41,8 +49,17 @@ def parse_args(argv):
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--width", type=int, default=64, help="channels of the first conv layer")
     p.add_argument("--seconds", type=float, default=30.0, help="training time")
-    p.add_argument("--device", default="cuda")
+    p.add_argument("--device", default="cuda",
+                   help="cuda (GPU LOCAL_RANK %% device_count), cuda:N, or cpu")
+    p.add_argument("--ddp", action="store_true",
+                   help="under torchrun: DistributedDataParallel across the ranks (see above)")
     return p.parse_args(argv)
+
+
+def dist_env():
+    """(rank, local_rank, world_size) from torchrun's environment (0, 0, 1 without it)."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def files_of(data, n):
@@ -128,9 +145,24 @@ def main(argv):
     import torch.nn as nn
     from torch.utils.data import DataLoader
 
+    rank, local_rank, world = dist_env()
+    tag = "torch_train[rank %d/%d]" % (rank, world) if world > 1 else "torch_train"
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("torch_train.py: CUDA is not available (torch.cuda.is_available() is False)")
-    device = torch.device(args.device)
+    if args.device == "cuda":
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device(args.device)
+    dist = None
+    if args.ddp and world > 1:
+        import torch.distributed as dist
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+        own_gpu = device.type == "cuda" and torch.cuda.device_count() >= local_world
+        backend = "nccl" if own_gpu else "gloo"
+        dist.init_process_group(backend=backend)
+        print("%s: process group up (%s), device %s" % (tag, backend, device),
+              file=sys.stderr, flush=True)
     missing = [p for p in paths if not os.path.exists(p)]
     if missing:
         sys.exit("torch_train.py: dataset incomplete (%d files missing): run with --prepare first"
@@ -147,22 +179,46 @@ def main(argv):
         nn.AdaptiveAvgPool2d(1), nn.Flatten(),
         nn.Linear(4 * w, CLASSES),
     ).to(device)
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     loss_fn = nn.CrossEntropyLoss()
     loader_kw = {}
     if args.workers > 0:
         loader_kw = dict(persistent_workers=True, prefetch_factor=2,
                          multiprocessing_context=args.start_method)
-    loader = DataLoader(Images(paths, args.uncached), batch_size=args.batch_size, shuffle=True,
-                        num_workers=args.workers, pin_memory=device.type == "cuda",
-                        drop_last=True, **loader_kw)
+    dataset = Images(paths, args.uncached)
+    sampler = None
+    if dist is not None:
+        from torch.utils.data.distributed import DistributedSampler
+        sampler = DistributedSampler(dataset, shuffle=True, drop_last=True)
+    loader = DataLoader(dataset, batch_size=args.batch_size, shuffle=sampler is None,
+                        sampler=sampler, num_workers=args.workers,
+                        pin_memory=device.type == "cuda", drop_last=True, **loader_kw)
+
+    def stop_now(now):
+        """Past the deadline? Under DDP every rank must stop at the same step: decided together
+        (any rank past its deadline stops them all)."""
+        if dist is None:
+            return now >= deadline
+        flag = torch.tensor([1 if now >= deadline else 0],
+                            device=device if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     start = time.monotonic()
     deadline = start + args.seconds
     steps = images = 0
     last_report = start
     loss = None
-    while time.monotonic() < deadline:
+    epoch = 0
+    done = False
+    while not done:
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        epoch += 1
         for x, y in loader:
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
@@ -174,17 +230,23 @@ def main(argv):
             images += x.shape[0]
             now = time.monotonic()
             if now - last_report >= 5.0:
-                print("torch_train: %.0f s, %d steps, %.0f images/s, loss %.3f"
-                      % (now - start, steps, images / (now - start), loss.item()),
+                print("%s: %.0f s, %d steps, %.0f images/s, loss %.3f"
+                      % (tag, now - start, steps, images / (now - start), loss.item()),
                       file=sys.stderr, flush=True)
                 last_report = now
-            if now >= deadline:
+            if stop_now(now):
+                done = True
                 break
+        else:
+            done = dist is None and time.monotonic() >= deadline
     if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.monotonic() - start
-    print("torch_train: done: %d steps, %d images in %.1f s (%.0f images/s)"
-          % (steps, images, elapsed, images / max(elapsed, 1e-9)), file=sys.stderr, flush=True)
+    print("%s: done: %d steps, %d images in %.1f s (%.0f images/s)"
+          % (tag, steps, images, elapsed, images / max(elapsed, 1e-9)), file=sys.stderr,
+          flush=True)
+    if dist is not None:
+        dist.destroy_process_group()
     return 0
 
 

@@ -6,9 +6,12 @@ real files of a dataset directory, read by real worker processes (``--workers N`
 with the ``fork``, ``spawn`` or ``forkserver`` start method) or by the feeder itself
 (``--workers 0``: synchronous loading).
 
-Every GPU step is appended to ``--gpu-file`` as ``<start_ns> <end_ns>`` (CLOCK_MONOTONIC,
-``time.monotonic_ns()``), one flushed line per step, for ``stallmon trace --simulate-gpu``. During a
-step the feeder sleeps (``time.sleep``: off CPU, ``other_wait``) while the simulated GPU is busy.
+The "GPU" is GPU ``--gpu-index`` of the stand-in NVML library's scenario directory ``--gpu-dir``
+(``tests/nvml-standin``, see ``standin_gpu.py``): the feeder holds a compute context on it from its
+first statement, and every GPU step is appended as ``<start_ns> <end_ns>`` (CLOCK_MONOTONIC,
+``time.monotonic_ns()``), one flushed line per step. stallmon reads it back through NVML
+(``--nvml-lib``). During a step the feeder sleeps (``time.sleep``: off CPU, ``other_wait``) while
+the simulated GPU is busy.
 
 Nothing is printed on stdout (under ``stallmon trace --json`` the job's stdout is stallmon's).
 
@@ -107,7 +110,9 @@ def parse_args(argv):
     p.add_argument("--uncached", action="store_true",
                    help="drop each file's pages from the page cache after reading it")
     p.add_argument("--seconds", type=float, default=15.0, help="training time")
-    p.add_argument("--gpu-file", help="append '<start_ns> <end_ns>' per GPU step here")
+    p.add_argument("--gpu-dir", help="stand-in NVML scenario directory (see standin_gpu.py)")
+    p.add_argument("--gpu-index", type=int, default=None,
+                   help="the stand-in GPU this feeder drives (default: LOCAL_RANK, else 0)")
     p.add_argument("--truth", help="write the ground truth (JSON) here")
     p.add_argument("--timeline", help="debugging: write every truth segment (JSON lines) here")
     return p.parse_args(argv)
@@ -314,6 +319,7 @@ class Truth:
         s = 1e-9
         idle = {c: v * s for c, v in self.idle.items()}
         out = {
+            "pid": os.getpid(),
             "t0_ns": T0_NS,
             "t1_ns": self.t,
             "t0_run_delay_ns": T0_RUN_DELAY_NS,
@@ -343,17 +349,24 @@ class Truth:
 # The training loop
 
 
-class GpuFile:
-    """Appends one flushed '<start_ns> <end_ns>' line per step (kept open: the file may be
-    unlinked by a test while we run)."""
-
-    def __init__(self, path):
-        self.f = open(path, "a", buffering=1) if path else None
-
+class NoGpu:
     def step(self, start_ns, end_ns):
-        if self.f:
-            self.f.write("%d %d\n" % (start_ns, end_ns))
-            self.f.flush()
+        pass
+
+
+def open_gpu(args):
+    """The feeder's stand-in GPU, with a compute context held from now on (or nothing)."""
+    if not args.gpu_dir:
+        return NoGpu()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from standin_gpu import StandinGpu
+
+    index = args.gpu_index
+    if index is None:
+        index = int(os.environ.get("LOCAL_RANK", "0"))
+    gpu = StandinGpu(args.gpu_dir, index)
+    gpu.open_context()
+    return gpu
 
 
 def gpu_step(truth, gpu, gpu_ms):
@@ -377,7 +390,7 @@ def main(argv):
     truth = Truth(T0_NS, T0_CPU_NS, T0_RUN_DELAY_NS, [] if args.timeline else None)
     prepared_in_run = prepare(args.data, args.files, args.file_kib)
     files = dataset_files(args.data, args.files)
-    gpu = GpuFile(args.gpu_file)
+    gpu = open_gpu(args)
     procs = []
     q = None
     if args.workers > 0:

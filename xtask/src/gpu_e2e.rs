@@ -1,15 +1,19 @@
 //! `cargo xtask gpu-e2e`: the attribution on real hardware. A real PyTorch training loop on CUDA
 //! (`tests/workloads/torch_train.py`: small CNN, DataLoader with 4 workers decoding 2000 raw
-//! 3x64x64 image files) runs twice under `stallmon trace --json` with real NVML:
+//! 3x64x64 image files) runs under `stallmon trace --json` with real NVML:
 //!
 //! 1. **throttled**: the dataset evicted from the page cache (its pages only: dropping every cache
 //!    would make the interpreter and PyTorch load through the throttle too), reads from its disk
-//!    limited to 8 MiB/s by a blkio cgroup, every read bypassing the cache (`--uncached`);
-//! 2. **warm**: the dataset read into the page cache first, no throttle.
+//!    limited to 8 MiB/s by a blkio cgroup (`tests::SlowDisk`), every read bypassing the cache
+//!    (`--uncached`);
+//! 2. **warm**: the dataset read into the page cache first, no throttle;
+//! 3. **two ranks**: real torchrun (`python -m torch.distributed.run --nproc_per_node 2`, both
+//!    ranks on GPU 0 unless there are two GPUs, DistributedDataParallel) on the warm dataset.
 //!
-//! Both summaries are printed and written to `target/gpu-e2e/{throttled,warm}.json` (record files
-//! next to them). The check: the throttled run's dominant idle cause is io, and io's share of the
-//! wall time is larger throttled than warm.
+//! Summaries are printed and written to `target/gpu-e2e/{throttled,warm,two-ranks}.json`
+//! (record files next to them). The checks: the throttled run's dominant idle cause is io, and
+//! io's share of the wall time is larger throttled than warm; the two-rank run has two ranks, 0
+//! and 1, each with its feeder found, and a GPU verdict.
 //!
 //! GPU hosts only: it fails with the reason when `nvidia-smi -L` or `torch.cuda` is unavailable.
 use std::{
@@ -19,10 +23,9 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
+use tests::{python, workload};
 
-use crate::demo::{
-    ThrottleGroup, nvidia_gpus, os, python, require_root, target_dir, torch_cuda, workload,
-};
+use crate::demo::{nvidia_gpus, require_root, slow_disk, torch_cuda};
 
 const THROTTLE_BPS: u64 = 8 << 20;
 const SECONDS: &str = "40";
@@ -36,7 +39,7 @@ pub fn gpu_e2e(bin: Option<PathBuf>) -> Result<()> {
              (the simulated-GPU validation is `cargo test -p tests --test attribution`)"
         )
     })?;
-    let py = python()?;
+    let py = python();
     let torch = torch_cuda(&py).map_err(|why| {
         anyhow::anyhow!(
             "gpu-e2e needs PyTorch with CUDA in {} ({why}); it installs nothing",
@@ -50,44 +53,65 @@ pub fn gpu_e2e(bin: Option<PathBuf>) -> Result<()> {
         Some(b) => b,
         None => {
             crate::run(crate::cargo().args(["build", "--release", "-p", "monitor-userspace"]))?;
-            target_dir().join("release/stallmon")
+            crate::target_dir().join("release/stallmon")
         }
     };
     if !bin.exists() {
         bail!("stallmon binary {} does not exist", bin.display());
     }
-    let out = target_dir().join("gpu-e2e");
+    let out = crate::target_dir().join("gpu-e2e");
     let data = out.join("data");
     std::fs::create_dir_all(&out)?;
+    let train = |extra: &[&str]| -> Vec<String> {
+        let mut v = vec![
+            py.display().to_string(),
+            workload("torch_train.py").display().to_string(),
+            "--data".into(),
+            data.display().to_string(),
+            "--files".into(),
+            FILES.into(),
+            "--seconds".into(),
+            SECONDS.into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    };
 
     // 1. Throttled storage, dataset not cached.
     prepare(&py, &data, true)?;
-    let group = ThrottleGroup::create("stallmon-gpu-e2e", &data, THROTTLE_BPS)?;
-    let throttled = trace(&bin, &py, &data, &out, "throttled", Some(&group))?;
-    drop(group);
+    let slow = slow_disk("stallmon-gpu-e2e", &data, THROTTLE_BPS)?;
+    let throttled = trace(
+        &bin,
+        &out,
+        "throttled",
+        slow.wrap(&train(&["--workers", "4", "--uncached"])),
+    )?;
+    drop(slow);
 
     // 2. Page cache warm, no throttle.
     prepare(&py, &data, false)?;
     warm(&data)?;
-    let warm = trace(&bin, &py, &data, &out, "warm", None)?;
+    let warm = trace(&bin, &out, "warm", train(&["--workers", "4"]))?;
 
-    for (name, s) in [("throttled", &throttled), ("warm", &warm)] {
+    // 3. Two ranks under torchrun, sharing the GPU (DDP: gloo when they share one).
+    let mut two = vec![
+        py.display().to_string(),
+        "-m".into(),
+        "torch.distributed.run".into(),
+        "--standalone".into(),
+        "--nproc_per_node".into(),
+        "2".into(),
+    ];
+    two.extend(train(&["--workers", "2", "--ddp"]).into_iter().skip(1));
+    let ranks = trace(&bin, &out, "two-ranks", two)?;
+
+    for (name, s) in [
+        ("throttled", &throttled),
+        ("warm", &warm),
+        ("two-ranks", &ranks),
+    ] {
         println!("===== {name} =====\n{}", serde_json::to_string_pretty(s)?);
     }
-    let shares = |s: &Value| -> Result<(f64, [f64; 4])> {
-        let g = s["gpu"]
-            .as_array()
-            .and_then(|a| a.first())
-            .with_context(|| {
-                format!(
-                    "no GPU attributed (gpu_disabled: {}, verdicts: {})",
-                    s["gpu_disabled"], s["gpu_verdicts"]
-                )
-            })?;
-        let wall = g["wall_seconds"].as_f64().unwrap_or(0.0);
-        let idle = CAUSES.map(|c| g["idle_seconds"][c].as_f64().unwrap_or(0.0));
-        Ok((wall, idle))
-    };
     let (tw, ti) = shares(&throttled)?;
     let (ww, wi) = shares(&warm)?;
     println!(
@@ -101,8 +125,16 @@ pub fn gpu_e2e(bin: Option<PathBuf>) -> Result<()> {
             100.0 * wi[i] / ww.max(1e-9)
         );
     }
-    for (name, s) in [("throttled", &throttled), ("warm", &warm)] {
-        for v in s["gpu_verdicts"].as_array().into_iter().flatten() {
+    for (name, s) in [
+        ("throttled", &throttled),
+        ("warm", &warm),
+        ("two-ranks", &ranks),
+    ] {
+        for v in tests::job(s)["gpu_verdicts"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             println!("{name}: {}", v.as_str().unwrap_or(""));
         }
     }
@@ -118,7 +150,69 @@ pub fn gpu_e2e(bin: Option<PathBuf>) -> Result<()> {
     if ti[0] / tw.max(1e-9) <= wi[0] / ww.max(1e-9) {
         bail!("io share of the wall time is not larger with throttled storage than warm");
     }
-    println!("gpu-e2e: OK (throttled storage -> io; warm page cache -> less io)");
+    check_two_ranks(&ranks)?;
+    println!(
+        "gpu-e2e: OK (throttled storage -> io; warm page cache -> less io; two ranks, two \
+         feeders, GPU verdicts)"
+    );
+    Ok(())
+}
+
+/// Wall time and idle seconds by cause of the job's first attributed GPU.
+fn shares(s: &Value) -> Result<(f64, [f64; 4])> {
+    let g = tests::job(s)["gpu"]
+        .as_array()
+        .and_then(|a| a.first())
+        .with_context(|| {
+            format!(
+                "no GPU attributed (gpu_disabled: {}, verdicts: {})",
+                s["gpu_disabled"],
+                tests::job(s)["gpu_verdicts"]
+            )
+        })?;
+    let wall = g["wall_seconds"].as_f64().unwrap_or(0.0);
+    let idle = CAUSES.map(|c| g["idle_seconds"][c].as_f64().unwrap_or(0.0));
+    Ok((wall, idle))
+}
+
+/// Ranks 0 and 1, each with a feeder; a GPU verdict; every attributed GPU and rank printed.
+fn check_two_ranks(s: &Value) -> Result<()> {
+    let job = tests::job(s);
+    let ranks = job["ranks"].as_array().cloned().unwrap_or_default();
+    for r in &ranks {
+        let feeders: Vec<String> = r["feeders"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|f| format!("PID {} ({}): {}", f["pid"], f["comm"], f["why"]))
+            .collect();
+        println!("two-ranks: rank {}: feeders {feeders:?}", r["rank"]);
+    }
+    for g in job["gpu"].as_array().into_iter().flatten() {
+        println!(
+            "two-ranks: GPU {} rank {}: busy {:.1} s of {:.1} s, idle {}",
+            g["gpu"],
+            g["rank"],
+            g["busy_seconds"].as_f64().unwrap_or(0.0),
+            g["wall_seconds"].as_f64().unwrap_or(0.0),
+            g["idle_seconds"]
+        );
+    }
+    for want in ["0", "1"] {
+        let found = ranks.iter().any(|r| {
+            r["rank"].as_str() == Some(want)
+                && r["feeders"].as_array().is_some_and(|f| !f.is_empty())
+        });
+        if !found {
+            bail!("two-rank run: no rank {want} with a feeder (ranks: {ranks:?})");
+        }
+    }
+    if job["gpu_verdicts"].as_array().is_none_or(|v| v.is_empty()) {
+        bail!(
+            "two-rank run: no GPU verdict (gpu_disabled: {})",
+            s["gpu_disabled"]
+        );
+    }
     Ok(())
 }
 
@@ -145,34 +239,11 @@ fn warm(data: &Path) -> Result<()> {
     Ok(())
 }
 
-/// One traced run; returns the JSON summary (also written to OUT/NAME.json).
-fn trace(
-    bin: &Path,
-    py: &Path,
-    data: &Path,
-    out: &Path,
-    name: &str,
-    group: Option<&ThrottleGroup>,
-) -> Result<Value> {
+/// One traced run of `job`; returns the JSON summary (also written to OUT/NAME.json).
+fn trace(bin: &Path, out: &Path, name: &str, job: Vec<String>) -> Result<Value> {
     let record = out.join(format!("{name}-record.jsonl"));
-    let mut job = vec![py.as_os_str().to_owned(), workload("torch_train.py").into()];
-    job.extend(os(&["--data"]));
-    job.push(data.into());
-    job.extend(os(&[
-        "--files",
-        FILES,
-        "--workers",
-        "4",
-        "--seconds",
-        SECONDS,
-    ]));
-    if group.is_some() {
-        job.extend(os(&["--uncached"]));
-    }
-    let job = match group {
-        Some(g) => g.wrap(job),
-        None => job,
-    };
+    // stallmon refuses to overwrite a record file.
+    let _ = std::fs::remove_file(&record);
     let mut cmd = Command::new(bin);
     cmd.args(["trace", "--listen", "127.0.0.1:0", "--json", "--record"])
         .arg(&record)

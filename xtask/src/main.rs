@@ -45,8 +45,8 @@ enum Cmd {
         #[arg(long)]
         quick: bool,
     },
-    /// Real PyTorch training on CUDA, throttled storage vs page cache, traced with real NVML
-    /// (GPU hosts only; needs a built stallmon).
+    /// Real PyTorch training on CUDA, throttled storage vs page cache, and two torchrun ranks
+    /// sharing the GPU, traced with real NVML (GPU hosts only; never in CI).
     GpuE2e {
         /// stallmon binary to use (default target/release/stallmon).
         #[arg(long)]
@@ -64,8 +64,15 @@ pub fn run(cmd: &mut Command) -> Result<()> {
 
 pub fn cargo() -> Command {
     let mut c = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-    c.current_dir(setup::repo_root());
+    c.current_dir(tests::repo_root());
     c
+}
+
+/// The cargo target directory (`$CARGO_TARGET_DIR`, else `target/` in the repository).
+pub fn target_dir() -> std::path::PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| tests::repo_root().join("target"))
 }
 
 fn lint() -> Result<()> {
@@ -80,6 +87,7 @@ fn lint() -> Result<()> {
         "-D",
         "warnings",
     ]))?;
+
     // The kernel crate, for its real target.
     run(cargo().env("RUSTC_BOOTSTRAP", "1").args([
         "clippy",
@@ -111,7 +119,8 @@ fn main() -> Result<()> {
         Cmd::Test { args } => {
             setup::setup()?;
             lint()?;
-            run(cargo().args(["build", "-p", "monitor-userspace"]))?;
+            // The binary under test and the stand-in NVML library the GPU tests load.
+            run(cargo().args(["build", "-p", "monitor-userspace", "-p", "nvml-standin"]))?;
             // Privileged tests share the machine's disk, cgroups and ports: one at a time.
             run(cargo()
                 .args(["test", "--workspace", "--exclude", "monitor-ebpf"])

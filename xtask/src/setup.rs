@@ -1,19 +1,9 @@
 //! Installs what a fresh machine lacks. Idempotent: each step checks first.
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::{path::Path, process::Command};
 
 use anyhow::{Result, bail};
 
 use crate::run;
-
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the tests, demo and benchmark use.
