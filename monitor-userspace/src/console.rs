@@ -31,9 +31,39 @@ impl<'a> MakeWriter<'a> for Stderr {
     }
 }
 
+const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+
+/// `--log-level`: a level (debug and trace apply to stallmon itself; the libraries it uses stay
+/// at info), or tracing directives `target=level,...`. Anything else is an error: a misspelt
+/// level must not silently become some other filter.
+pub fn log_filter(level: &str) -> Result<EnvFilter, String> {
+    let l = level.trim().to_ascii_lowercase();
+    let bad = || {
+        format!(
+            "--log-level {level:?}: expected one of {} or directives such as stallmon=debug",
+            LEVELS.join(", ")
+        )
+    };
+    let directives = match l.as_str() {
+        "error" | "warn" | "info" => l.clone(),
+        "debug" | "trace" => format!("info,stallmon={l}"),
+        _ => {
+            let ok = !l.is_empty()
+                && l.split(',').all(|d| match d.split_once('=') {
+                    Some((target, lvl)) => !target.is_empty() && LEVELS.contains(&lvl),
+                    None => LEVELS.contains(&d),
+                });
+            if !ok {
+                return Err(bad());
+            }
+            l.clone()
+        }
+    };
+    EnvFilter::try_new(directives).map_err(|_| bad())
+}
+
 /// Sets up logging on stderr.
-pub fn init_logging(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+pub fn init_logging(format: LogFormat, filter: EnvFilter) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(Stderr)
@@ -54,4 +84,20 @@ pub fn out(text: &str) {
 /// Writes to stderr, ignoring errors.
 pub fn err(text: &str) {
     let _ = Stderr.write(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn log_levels_and_directives() {
+        for ok in ["info", "WARN", "debug", "stallmon=debug", "info,aya=trace"] {
+            assert!(log_filter(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "verbose", "debgu", "stallmon=loud", "=debug", "info,"] {
+            let e = log_filter(bad).unwrap_err();
+            assert!(e.contains("--log-level"), "{bad}: {e}");
+        }
+    }
 }

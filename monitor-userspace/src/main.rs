@@ -94,7 +94,13 @@ fn main() -> ExitCode {
         }
     };
     raise_fd_limit();
-    console::init_logging(cli.log_format, &cli.log_level);
+    match console::log_filter(&cli.log_level) {
+        Ok(filter) => console::init_logging(cli.log_format, filter),
+        Err(e) => {
+            console::err(&format!("stallmon: error: {e}\n"));
+            return ExitCode::from(2);
+        }
+    }
     let result = match cli.command {
         cli::Cmd::Check { no_load, nvml_lib } => Ok(preflight::report(&preflight::run_all(
             !no_load,

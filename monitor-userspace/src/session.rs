@@ -19,7 +19,7 @@ use crate::{
         http::Health,
         metrics::{AttributedView, GpuView, JobView, SharedView, View},
     },
-    gpu::{GpuReading, NvmlSampler},
+    gpu::{GpuReading, Polled, Sampler},
     interval::{Deltas, sample_open_files},
     kernel::Kernel,
     ledger::Ledger,
@@ -35,6 +35,10 @@ use crate::{
 pub const FINE_TICK: Duration = Duration::from_millis(100);
 /// Processes of a job kept after they exit (their totals are in the ledger either way).
 const EXITED_KEPT: usize = 256;
+/// How long an interval waits for the driver's answer (a poll of 8 GPUs takes milliseconds).
+const GPU_WAIT: Duration = Duration::from_millis(500);
+/// A driver silent this long makes every GPU stale.
+const GPU_HUNG: Duration = Duration::from_secs(10);
 
 /// What the session needs besides its stages.
 pub struct Settings {
@@ -60,7 +64,7 @@ pub struct Session {
     collector: Collector,
     pub jobs: Jobs,
     node: Option<NodeDiscovery>,
-    sampler: Option<NvmlSampler>,
+    sampler: Option<Sampler>,
     gpu_disabled: Option<String>,
     feed: Feed,
     attribution: Attribution,
@@ -76,7 +80,10 @@ pub struct Session {
     /// Readings of GPUs nobody holds yet (trace mode), bounded.
     backlog: BTreeMap<u32, Vec<GpuReading>>,
     pods: HashMap<String, PodRef>,
-    pods_at: Option<Instant>,
+    /// When the kubelet was last asked, and whether it answered.
+    pods_at: Option<(Instant, bool)>,
+    /// GPU holders (gpu, pid) the kubelet has already been asked about.
+    pods_asked: std::collections::HashSet<(u32, u32)>,
     announced_jobs: std::collections::BTreeSet<u32>,
     kernel_processes: u64,
 }
@@ -87,7 +94,7 @@ pub struct Parts {
     pub kernel: Kernel,
     pub jobs: Jobs,
     pub node: Option<NodeDiscovery>,
-    pub sampler: Result<NvmlSampler, String>,
+    pub sampler: Result<Sampler, String>,
     pub recorder: Option<Recorder>,
     pub view: SharedView,
     pub health: Arc<Health>,
@@ -120,6 +127,7 @@ impl Session {
             backlog: BTreeMap::new(),
             pods: HashMap::new(),
             pods_at: None,
+            pods_asked: Default::default(),
             announced_jobs: Default::default(),
             kernel_processes: 0,
         };
@@ -304,19 +312,23 @@ impl Session {
         }
     }
 
-    fn refresh_pods(&mut self, now: Instant) {
+    /// Asks the kubelet which pod holds which GPU: every 30 s, and at once when a process on a
+    /// GPU the last answer did not place is about to become a job (a new pod: its labels are
+    /// fixed when it is found). A kubelet that failed is left alone for 30 s.
+    fn refresh_pods(&mut self, now: Instant, new_holder: bool) {
         let Some(sock) = &self.settings.pod_resources else {
             return;
         };
-        if self
-            .pods_at
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(30))
+        if let Some((at, answered)) = self.pods_at
+            && now.duration_since(at) < Duration::from_secs(30)
+            && !(answered && new_holder)
         {
             return;
         }
-        self.pods_at = Some(now);
+        self.pods_at = Some((now, false));
         match crate::podresources::list_gpu_owners_blocking(sock, Duration::from_secs(2)) {
             Ok(owners) => {
+                self.pods_at = Some((now, true));
                 self.pods = owners
                     .into_iter()
                     .filter_map(|(dev, pods)| {
@@ -332,7 +344,41 @@ impl Session {
                     })
                     .collect();
             }
-            Err(e) => tracing::debug!("pod-resources: {e}"),
+            Err(e) => {
+                tracing::warn!("pod-resources: {e}; jobs found now carry no pod labels")
+            }
+        }
+    }
+
+    /// This interval's GPU readings. The driver answers on its own thread: when it has not
+    /// answered within a moment, the figures go on without it (the GPUs' holders stay as they
+    /// were), and a driver silent for [`GPU_HUNG`] makes every GPU stale.
+    fn poll_gpus(&mut self) -> Vec<GpuReading> {
+        let Some(sampler) = self.sampler.as_mut() else {
+            return Vec::new();
+        };
+        // Blocking waits, off the async executor's hands.
+        match tokio::task::block_in_place(|| sampler.poll(GPU_WAIT)) {
+            Polled::Readings(readings) => {
+                self.holders = readings
+                    .iter()
+                    .flat_map(|r| r.process_pids.iter().map(|&p| (r.info.index, p)))
+                    .collect();
+                readings
+            }
+            Polled::Waiting(for_) if for_ >= GPU_HUNG => self
+                .latest
+                .values()
+                .map(|old| {
+                    let mut r = GpuReading::empty(old.info.clone());
+                    r.stale = Some(format!(
+                        "NVML has not answered for {:.0} s",
+                        for_.as_secs_f64()
+                    ));
+                    r
+                })
+                .collect(),
+            Polled::Waiting(_) => Vec::new(),
         }
     }
 
@@ -340,15 +386,7 @@ impl Session {
     /// line, the exported view.
     pub fn interval_tick(&mut self) {
         let now = Instant::now();
-        // GPUs: blocking driver calls, off the async executor's hands.
-        let readings = match self.sampler.as_mut() {
-            Some(s) => tokio::task::block_in_place(|| s.poll()),
-            None => Vec::new(),
-        };
-        self.holders = readings
-            .iter()
-            .flat_map(|r| r.process_pids.iter().map(|&p| (r.info.index, p)))
-            .collect();
+        let readings = self.poll_gpus();
         for r in &readings {
             if let Some(why) = &r.stale
                 && self
@@ -360,11 +398,22 @@ impl Session {
             }
         }
         if self.node.is_some() {
-            self.refresh_pods(now);
             let uuids: HashMap<u32, String> = readings
                 .iter()
                 .map(|r| (r.info.index, r.info.uuid.clone()))
                 .collect();
+            let unplaced: std::collections::HashSet<(u32, u32)> = self
+                .holders
+                .iter()
+                .copied()
+                .filter(|(gpu, pid)| {
+                    self.jobs.job_of(*pid).is_none()
+                        && uuids.get(gpu).is_none_or(|u| !self.pods.contains_key(u))
+                })
+                .collect();
+            let new_holder = !unplaced.is_subset(&self.pods_asked);
+            self.refresh_pods(now, new_holder);
+            self.pods_asked = unplaced;
             let pods = self.pods.clone();
             let pod = move |gpu: u32| uuids.get(&gpu).and_then(|u| pods.get(u)).cloned();
             let node = self.node.as_mut().expect("node mode");
@@ -557,10 +606,7 @@ impl Session {
             }
             std::thread::sleep(Duration::from_millis(50));
             self.fine_tick();
-            let readings = match self.sampler.as_mut() {
-                Some(s) => s.poll(),
-                None => Vec::new(),
-            };
+            let readings = self.poll_gpus();
             for r in &readings {
                 self.remember(r);
             }

@@ -100,7 +100,11 @@ pub fn spawn_gated(argv: &[OsString]) -> Result<Gated> {
     cmd.arg(GATE_SUBCOMMAND)
         .arg(read_fd.to_string())
         .arg(&resolved)
-        .args(&argv[1..]);
+        .args(&argv[1..])
+        // systemd's notification channel is stallmon's, not the job's.
+        .env_remove("NOTIFY_SOCKET")
+        .env_remove("WATCHDOG_USEC")
+        .env_remove("WATCHDOG_PID");
     let nofile = ORIGINAL_NOFILE.get().copied();
     // SAFETY: only async-signal-safe calls (fcntl, setrlimit) between fork and exec.
     unsafe {

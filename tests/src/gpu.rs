@@ -82,4 +82,9 @@ impl StandinGpus {
     pub fn set_error(&self, i: u32, error: &str) {
         std::fs::write(self.dir.join(format!("gpu{i}/error")), error).unwrap();
     }
+
+    /// Makes every driver call on GPU `i` take `ms` milliseconds (0: answer at once).
+    pub fn set_delay(&self, i: u32, ms: u64) {
+        std::fs::write(self.dir.join(format!("gpu{i}/delay")), ms.to_string()).unwrap();
+    }
 }

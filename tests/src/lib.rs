@@ -224,6 +224,14 @@ impl Tracer {
         self.child.id()
     }
 
+    /// What stallmon has logged so far (for a failing test's message).
+    pub fn log(&mut self) -> String {
+        while let Ok(l) = self.stderr_rx.try_recv() {
+            self.stderr.push(l);
+        }
+        self.stderr.join("\n")
+    }
+
     pub fn scrape(&self) -> Result<String> {
         let (code, body) = prom::http_get(self.addr, "/metrics")?;
         if code != 200 {

@@ -109,6 +109,18 @@ pub enum Stop {
     Done,
 }
 
+/// The watchdog ping period (half of `WATCHDOG_USEC`), with libsystemd's rule: the watchdog is
+/// ours unless `WATCHDOG_PID` names another process.
+fn watchdog_period(usec: Option<&str>, pid: Option<&str>, own: u32) -> Option<Duration> {
+    let usec: u64 = usec?.trim().parse().ok().filter(|&u| u > 0)?;
+    if let Some(p) = pid
+        && p.trim().parse::<u32>().ok() != Some(own)
+    {
+        return None;
+    }
+    Some(Duration::from_micros(usec) / 2)
+}
+
 /// systemd: READY=1 once tracing, WATCHDOG=1 while the loop runs (when the unit asks for it).
 struct Systemd {
     watchdog: Option<Duration>,
@@ -118,11 +130,12 @@ struct Systemd {
 impl Systemd {
     fn ready() -> Self {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-        let mut usec = 0u64;
-        let watchdog =
-            sd_notify::watchdog_enabled(false, &mut usec).then(|| Duration::from_micros(usec) / 2);
         Self {
-            watchdog,
+            watchdog: watchdog_period(
+                std::env::var("WATCHDOG_USEC").ok().as_deref(),
+                std::env::var("WATCHDOG_PID").ok().as_deref(),
+                std::process::id(),
+            ),
             last: Instant::now(),
         }
     }
@@ -192,5 +205,24 @@ pub fn print_summary(summary: &Summary, json: bool) {
         console::out(&format!("{text}\n"));
     } else {
         console::err(&crate::summary::human(summary));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::watchdog_period;
+
+    #[test]
+    fn watchdog_follows_libsystemd() {
+        let half = Some(Duration::from_millis(500));
+        assert_eq!(watchdog_period(Some("1000000"), None, 7), half);
+        assert_eq!(watchdog_period(Some("1000000"), Some("7"), 7), half);
+        assert_eq!(watchdog_period(Some("1000000"), Some("8"), 7), None);
+        assert_eq!(watchdog_period(Some("1000000"), Some("x"), 7), None);
+        assert_eq!(watchdog_period(Some("0"), None, 7), None);
+        assert_eq!(watchdog_period(Some("soon"), None, 7), None);
+        assert_eq!(watchdog_period(None, Some("7"), 7), None);
     }
 }

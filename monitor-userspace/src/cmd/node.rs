@@ -10,7 +10,7 @@ use crate::{
     cli::{GpuChoice, NodeArgs},
     discover::{DiscoverConfig, Jobs, node::NodeDiscovery},
     exporter::http,
-    gpu::NvmlSampler,
+    gpu::{INIT_TIMEOUT, Sampler},
     kernel::{Kernel, LoadOptions},
     preflight, privileges, record,
     schema::ready::Ready,
@@ -58,8 +58,13 @@ pub fn run(args: NodeArgs) -> Result<i32> {
         let endpoint = Endpoint::start(listener, c.interval)?;
         let sampler = match c.gpu() {
             GpuChoice::Off(why) => Err(why),
-            GpuChoice::Nvml(opts) => tokio::task::block_in_place(|| NvmlSampler::new(&opts))
-                .map_err(|e| format!("GPU attribution disabled: {e}")),
+            GpuChoice::Nvml(opts) => {
+                match tokio::task::block_in_place(|| Sampler::start(opts, INIT_TIMEOUT)) {
+                    Ok(s) => Ok(s),
+                    Err(e) if e.is_bad_selection() => anyhow::bail!("--gpus: {e}"),
+                    Err(e) => Err(format!("GPU attribution disabled: {e}")),
+                }
+            }
         };
         match &sampler {
             Err(why) if args.matchers.is_empty() => {

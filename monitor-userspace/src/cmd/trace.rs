@@ -8,7 +8,7 @@ use crate::{
     cli::{GpuChoice, TraceArgs},
     discover::{DiscoverConfig, Jobs, identity, procfs},
     exporter::http,
-    gpu::NvmlSampler,
+    gpu::{INIT_TIMEOUT, Sampler},
     kernel::{Kernel, LoadOptions},
     preflight, privileges, record,
     schema::ready::Ready,
@@ -122,9 +122,17 @@ pub fn run(args: TraceArgs) -> Result<i32> {
     // The GPUs before the job runs: their timeline covers the job's start.
     let sampler = match c.gpu() {
         GpuChoice::Off(why) => Err(why),
-        GpuChoice::Nvml(opts) => {
-            NvmlSampler::new(&opts).map_err(|e| format!("GPU attribution disabled: {e}"))
-        }
+        GpuChoice::Nvml(opts) => match Sampler::start(opts, INIT_TIMEOUT) {
+            Ok(s) => Ok(s),
+            Err(e) if e.is_bad_selection() => {
+                if let Target::Started(g) = &mut target {
+                    let _ = g.child.kill();
+                    let _ = g.child.wait();
+                }
+                anyhow::bail!("--gpus: {e}");
+            }
+            Err(e) => Err(format!("GPU attribution disabled: {e}")),
+        },
     };
     if let Err(why) = &sampler {
         tracing::warn!("{why}");

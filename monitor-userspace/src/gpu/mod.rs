@@ -2,7 +2,7 @@
 //! stand-in that CI uses (`tests/nvml-standin`, loaded with `--nvml-lib`; everything it reports
 //! is labelled simulated).
 //!
-//! The [`NvmlSampler`] is polled every interval. Each poll returns one [`GpuReading`] per GPU
+//! The [`NvmlSampler`] is polled every interval, on its own thread ([`Sampler`]). Each poll returns one [`GpuReading`] per GPU
 //! with the utilization samples that became available since the previous poll, plus
 //! point-in-time gauges (memory, temperature, power, clocks, PCIe, throttling) and the
 //! processes holding a compute context.
@@ -11,8 +11,13 @@
 //! Python's `time.monotonic_ns()`, so GPU samples line up with the kernel's thread-state events.
 
 pub mod nvml;
+pub mod worker;
 
-pub use nvml::{GpuOptions, GpuSelector, NvmlSampler};
+pub use nvml::{GpuError, GpuOptions, GpuSelector, NvmlSampler};
+pub use worker::{Polled, Sampler};
+
+/// How long NVML may take to initialise before stallmon goes on without GPUs.
+pub const INIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Identity of one GPU, with dcgm-exporter's meanings: NVML index (`gpu`), `UUID`,
 /// `modelName`, `pci_bus_id`, and the device file (`device`, e.g. `nvidia0`, from the minor

@@ -117,6 +117,17 @@ pub enum GpuError {
     NoSuchIndex(u32, u32),
     #[error("GPU {0} requested but no GPU has that UUID")]
     NoSuchUuid(String),
+    #[error("NVML did not initialise within {0:?} (a hung driver?)")]
+    InitTimeout(std::time::Duration),
+    #[error("the NVML sampler thread: {0}")]
+    Thread(String),
+}
+
+impl GpuError {
+    /// The GPUs named with `--gpus` do not exist: the command line is wrong, not the host.
+    pub fn is_bad_selection(&self) -> bool {
+        matches!(self, Self::NoSuchIndex(..) | Self::NoSuchUuid(_))
+    }
 }
 
 /// Samples GPUs through NVML.

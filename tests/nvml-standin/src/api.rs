@@ -71,6 +71,7 @@ fn device_call(
         if let Some(code) = gpu.injected_error(function, false) {
             return code;
         }
+        gpu.injected_delay();
         gpu.refresh(monotonic_ns());
         f(gpu, clock)
     })

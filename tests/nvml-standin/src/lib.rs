@@ -102,6 +102,12 @@
 //! without doing anything. An empty file means no error; an unknown error name makes the file
 //! ignored (reported once on stderr). `nvmlDeviceGetCount_v2` is never affected.
 //!
+//! ### `gpu<i>/delay`: a hanging driver
+//!
+//! Read at every call taking GPU `i`'s handle (after the `error` file): its first word is a
+//! number of milliseconds (at most 600000) the call sleeps before it answers, as a driver
+//! waiting on a GPU that stopped responding does. Missing or empty: no delay.
+//!
 //! ## Exported functions
 //!
 //! `nvmlInit_v2`, `nvmlInit`, `nvmlInitWithFlags`, `nvmlShutdown`, `nvmlErrorString`,

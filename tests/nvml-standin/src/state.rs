@@ -184,6 +184,23 @@ impl Gpu {
         }
     }
 
+    /// Sleeps for the milliseconds the `delay` file asks for (a driver call that hangs).
+    pub fn injected_delay(&mut self) {
+        let Ok(text) = std::fs::read_to_string(self.dir.join("delay")) else {
+            return;
+        };
+        match text.split_whitespace().next().map(str::parse::<u64>) {
+            Some(Ok(ms)) => std::thread::sleep(std::time::Duration::from_millis(ms.min(600_000))),
+            None => {}
+            Some(Err(_)) => {
+                let path = self.dir.join("delay");
+                self.warn_once("delay file", || {
+                    format!("ignoring {}: want milliseconds", path.display())
+                });
+            }
+        }
+    }
+
     /// Reads what was appended to `busy` and `contexts` and publishes the periods that are due.
     pub fn refresh(&mut self, now_ns: u64) {
         let chunk = self.busy.read();
