@@ -24,7 +24,7 @@ use std::{
     convert::Infallible,
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, RwLock,
         atomic::{AtomicU32, AtomicUsize, Ordering},
     },
     task::{Context, Poll},
@@ -101,11 +101,15 @@ pub enum Behaviour {
     },
 }
 
+/// What the well-behaved stand-in serves; shared so that pods can come and go while it runs.
+type Pods = Arc<RwLock<Vec<api::PodResources>>>;
+
 /// A running stand-in kubelet; stopped and cleaned up on drop.
 pub struct Standin {
     dir: PathBuf,
     socket: PathBuf,
     calls: Arc<AtomicUsize>,
+    pods: Pods,
     shutdown: Option<oneshot::Sender<()>>,
     done: Option<std::sync::mpsc::Receiver<()>>,
 }
@@ -120,6 +124,11 @@ impl Standin {
             .with_context(|| format!("binding {}", socket.display()))?;
         listener.set_nonblocking(true)?;
         let calls = Arc::new(AtomicUsize::new(0));
+        let pods: Pods = Arc::new(RwLock::new(match &behaviour {
+            Behaviour::Serve(p) => p.clone(),
+            _ => Vec::new(),
+        }));
+        let thread_pods = pods.clone();
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -132,7 +141,9 @@ impl Standin {
             .spawn(move || {
                 rt.block_on(async move {
                     match tokio::net::UnixListener::from_std(listener) {
-                        Ok(listener) => serve(listener, behaviour, thread_calls, shutdown_rx).await,
+                        Ok(listener) => {
+                            serve(listener, behaviour, thread_pods, thread_calls, shutdown_rx).await
+                        }
                         Err(e) => eprintln!("podresources stand-in: {e}"),
                     }
                 });
@@ -145,6 +156,7 @@ impl Standin {
             dir,
             socket,
             calls,
+            pods,
             shutdown: Some(shutdown_tx),
             done: Some(done_rx),
         })
@@ -158,6 +170,11 @@ impl Standin {
     /// How many RPCs (or raw connections, for the broken behaviours) were received.
     pub fn calls(&self) -> usize {
         self.calls.load(Ordering::SeqCst)
+    }
+
+    /// Replaces the pods a [`Behaviour::Serve`] stand-in serves (a pod scheduled or deleted).
+    pub fn set_pods(&self, pods: Vec<api::PodResources>) {
+        *self.pods.write().unwrap_or_else(|e| e.into_inner()) = pods;
     }
 }
 
@@ -195,6 +212,7 @@ fn private_temp_dir() -> Result<PathBuf> {
 async fn serve(
     listener: tokio::net::UnixListener,
     behaviour: Behaviour,
+    pods: Pods,
     calls: Arc<AtomicUsize>,
     shutdown: oneshot::Receiver<()>,
 ) {
@@ -202,11 +220,8 @@ async fn serve(
         let _ = shutdown.await;
     };
     let result = match behaviour {
-        Behaviour::Serve(pods) => {
-            let svc = PodResourcesListerServer::new(Kubelet {
-                pods: Arc::new(pods),
-                calls,
-            });
+        Behaviour::Serve(_) => {
+            let svc = PodResourcesListerServer::new(Kubelet { pods, calls });
             serve_grpc(listener, svc, stop).await
         }
         Behaviour::GrpcPayload {
@@ -297,14 +312,18 @@ async fn accept_loop<F, Fut>(
 /// The well-behaved kubelet's service (what [`Behaviour::Serve`] serves); public so that its
 /// calls can be exercised directly through the [`PodResourcesLister`] trait.
 pub struct Kubelet {
-    pods: Arc<Vec<api::PodResources>>,
+    pods: Pods,
     calls: Arc<AtomicUsize>,
 }
 
 impl Kubelet {
+    fn snapshot(&self) -> Vec<api::PodResources> {
+        self.pods.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     pub fn new(pods: Vec<api::PodResources>) -> Self {
         Self {
-            pods: Arc::new(pods),
+            pods: Arc::new(RwLock::new(pods)),
             calls: Arc::new(AtomicUsize::new(0)),
         }
     }
@@ -318,7 +337,7 @@ impl PodResourcesLister for Kubelet {
     ) -> Result<Response<api::ListPodResourcesResponse>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         Ok(Response::new(api::ListPodResourcesResponse {
-            pod_resources: self.pods.as_ref().clone(),
+            pod_resources: self.snapshot(),
         }))
     }
 
@@ -328,7 +347,7 @@ impl PodResourcesLister for Kubelet {
     ) -> Result<Response<api::AllocatableResourcesResponse>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let devices = self
-            .pods
+            .snapshot()
             .iter()
             .flat_map(|p| &p.containers)
             .flat_map(|c| c.devices.iter().cloned())
@@ -345,7 +364,7 @@ impl PodResourcesLister for Kubelet {
     ) -> Result<Response<api::GetPodResourcesResponse>, Status> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         let req = req.into_inner();
-        self.pods
+        self.snapshot()
             .iter()
             .find(|p| p.name == req.pod_name && p.namespace == req.pod_namespace)
             .map(|p| {

@@ -331,3 +331,75 @@ fn two_hundred_jobs_leave_nothing_behind() {
     let done = tracer.stop().unwrap();
     assert!(done.status.success(), "{}", done.stderr);
 }
+
+/// On a Kubernetes node the kubelet's pod-resources API names the pod, namespace and container
+/// that hold each GPU: a job on that GPU carries them (dcgm-exporter's labels), including a pod
+/// scheduled after stallmon started (asked again as soon as an unplaced GPU holder appears,
+/// not at the next 30 s refresh).
+#[test]
+fn node_labels_jobs_with_their_kubelet_pods() {
+    use tests::podresources_standin::{Behaviour, Standin, gpu_pod};
+    require_privileged();
+    let gpus = StandinGpus::new("node-pods", 2, 100, 200);
+    let dir = scratch_dir("node-pods");
+    let kubelet = Standin::start(Behaviour::Serve(vec![gpu_pod(
+        "ml",
+        "train-0",
+        "trainer",
+        &[&StandinGpus::uuid(0)],
+    )]))
+    .unwrap();
+    let socket = kubelet.socket().to_str().unwrap().to_string();
+    let mut tracer = node(&gpus, &["--pod-resources-socket", &socket]);
+    let (sa, sb) = (dir.join("a.started"), dir.join("b.started"));
+    let _a = Reaper(start_job(&gpus, 0, 8.0, &sa, &[]));
+    context_at(&sa);
+    seen(
+        &tracer,
+        "stallmon_gpu_busy_seconds_total",
+        &[
+            "gpu=\"0\"",
+            "pod=\"train-0\"",
+            "namespace=\"ml\"",
+            "container=\"trainer\"",
+        ],
+        Duration::from_secs(10),
+    );
+    // A second pod is scheduled onto GPU 1 while stallmon runs.
+    kubelet.set_pods(vec![
+        gpu_pod("ml", "train-0", "trainer", &[&StandinGpus::uuid(0)]),
+        gpu_pod("team-b", "notebook-b", "jupyter", &[&StandinGpus::uuid(1)]),
+    ]);
+    let _b = Reaper(start_job(&gpus, 1, 8.0, &sb, &[]));
+    let tb = context_at(&sb);
+    let want = "pod=\"notebook-b\",namespace=\"team-b\",container=\"jupyter\"";
+    let found = tracer.scrape_until(Duration::from_secs(10), |t| {
+        t.lines()
+            .any(|l| l.starts_with("stallmon_gpu_busy_seconds_total{gpu=\"1\"") && l.contains(want))
+    });
+    let fb = tests::procs::monotonic_ns();
+    if let Err(e) = found {
+        panic!("{e}\nstallmon's log:\n{}", tracer.log());
+    }
+    let took = (fb - tb) as f64 * 1e-9;
+    println!("the new pod's job was labelled {took:.2} s after its context appeared");
+    assert!(took < 3.0, "{took}");
+    // Each job keeps its own pod.
+    let text = tracer.scrape().unwrap();
+    for l in text
+        .lines()
+        .filter(|l| l.starts_with("stallmon_gpu_busy_seconds_total{"))
+    {
+        let want = if l.contains("gpu=\"0\"") {
+            "pod=\"train-0\""
+        } else {
+            "pod=\"notebook-b\""
+        };
+        assert!(l.contains(want), "{l}");
+    }
+    // The kubelet was asked a handful of times, not once per tick.
+    let calls = kubelet.calls();
+    assert!((1..=10).contains(&calls), "{calls} pod-resources calls");
+    let done = tracer.stop().unwrap();
+    assert!(done.status.success(), "{}", done.stderr);
+}
