@@ -10,7 +10,7 @@ use crate::gpu::{GpuOptions, GpuSelector};
 
 /// Default listen address of the metrics endpoint: loopback only (see docs/operator-guide.md),
 /// on a port no exporter in Prometheus' default port allocations uses.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:9942";
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:19435";
 
 #[derive(Parser)]
 #[command(
@@ -278,7 +278,7 @@ mod tests {
             "stallmon",
             "node",
             "--listen",
-            "0.0.0.0:9942",
+            "0.0.0.0:19435",
             "--interval",
             "2m",
         ])

@@ -26,7 +26,7 @@
 //! tests::zabbix::ensure_installed(Duration::from_secs(600))?;
 //! let zbx = tests::zabbix::Zabbix::start()?;
 //! let template = zbx.import_template(&std::fs::read_to_string("stallmon_template.yaml")?)?;
-//! let host = zbx.create_host("node-1", &template, &[("{$STALLMON.PORT}", "9435")])?;
+//! let host = zbx.create_host("node-1", &template, &[("{$STALLMON.PORT}", "19435")])?;
 //! # anyhow::Ok(())
 //! ```
 
