@@ -8,7 +8,7 @@
 //! server and removes its files on drop.
 //!
 //! ```no_run
-//! let prom = tests::prom::Prometheus::start("127.0.0.1:9435")?;
+//! let prom = tests::prom::Prometheus::start("127.0.0.1:19435")?;
 //! prom.wait_for_series("stallmon_target_up", std::time::Duration::from_secs(30))?;
 //! let result = prom.query("sum by (cause) (stallmon_gpu_idle_seconds_total)")?;
 //! # anyhow::Ok(())
@@ -30,19 +30,33 @@ use anyhow::{Context, Result, anyhow, bail};
 /// Every metric stallmon exports (names as exposed; histograms also expose
 /// `_bucket`, `_sum` and `_count` series, see [`HISTOGRAMS`]).
 pub const STALLMON_METRICS: &[&str] = &[
-    // tracer
+    "stallmon_build_info",
+    // storage, the whole machine
     "stallmon_block_io_latency_seconds",
     "stallmon_block_io_queue_seconds",
     "stallmon_block_io_bytes_total",
     "stallmon_block_io_requests_total",
     "stallmon_block_io_job_bytes_total",
+    // jobs
+    "stallmon_target_up",
+    "stallmon_tracked_processes",
+    "stallmon_task_state_seconds_total",
+    "stallmon_read_stall_seconds",
     "stallmon_read_latency_seconds",
     "stallmon_read_bytes_total",
-    "stallmon_task_state_seconds_total",
-    "stallmon_tracked_processes",
+    "stallmon_task_read_syscalls_total",
+    "stallmon_task_read_bytes_total",
+    "stallmon_task_storage_read_bytes_total",
+    "stallmon_job_block_io_requests_total",
+    "stallmon_job_block_io_bytes_total",
+    // stallmon itself
     "stallmon_dropped_events_total",
-    "stallmon_target_up",
+    "stallmon_record_errors_total",
+    "stallmon_rank_slots",
+    "stallmon_kernel_processes",
+    "stallmon_jobs",
     // GPU
+    "stallmon_gpu_info",
     "stallmon_gpu_utilization_ratio",
     "stallmon_gpu_busy_seconds_total",
     "stallmon_gpu_idle_seconds_total",
@@ -60,8 +74,23 @@ pub const STALLMON_METRICS: &[&str] = &[
 pub const HISTOGRAMS: &[&str] = &[
     "stallmon_block_io_latency_seconds",
     "stallmon_block_io_queue_seconds",
+    "stallmon_read_stall_seconds",
     "stallmon_read_latency_seconds",
 ];
+
+/// The `stallmon_*` families of an exposition that [`STALLMON_METRICS`] does not know (it must
+/// stay the complete list: the rules, dashboard and Zabbix checks rely on it).
+pub fn unknown_families(exposition: &str) -> Vec<String> {
+    let mut out: Vec<String> = exposition
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|n| n.starts_with("stallmon_") && !STALLMON_METRICS.contains(n))
+        .map(str::to_string)
+        .collect();
+    out.dedup();
+    out
+}
 
 /// Whether `name` is a series name stallmon exposes: one of
 /// [`STALLMON_METRICS`], or a histogram's `_bucket`, `_sum` or `_count`.
@@ -482,7 +511,7 @@ mod tests {
     fn config_renders() {
         let cfg = render_config(
             &PromOptions {
-                targets: vec!["127.0.0.1:9435".into()],
+                targets: vec!["127.0.0.1:19435".into()],
                 scrape_self: true,
                 rule_files: vec![PathBuf::from("/x/alerts.yml")],
                 ..PromOptions::default()
@@ -491,7 +520,7 @@ mod tests {
         );
         assert!(cfg.contains("scrape_interval: 1000ms"), "{cfg}");
         assert!(cfg.contains("job_name: 'stallmon'"), "{cfg}");
-        assert!(cfg.contains("targets: ['127.0.0.1:9435']"), "{cfg}");
+        assert!(cfg.contains("targets: ['127.0.0.1:19435']"), "{cfg}");
         assert!(cfg.contains("targets: ['127.0.0.1:1234']"), "{cfg}");
         assert!(cfg.contains("  - '/x/alerts.yml'"), "{cfg}");
     }

@@ -297,6 +297,42 @@ fn rules_use_only_stallmon_metrics_and_defined_recordings() {
     }
 }
 
+/// Rules over machine-wide series (block I/O, dropped events: no job labels) neither select nor
+/// group by job labels, which those series do not have.
+#[test]
+fn rules_on_machine_wide_series_use_no_job_labels() {
+    let mut n = 0;
+    for rule in alert_rules().iter().chain(recording_rules().iter()) {
+        let expr = str_of(rule, "expr");
+        let series = stallmon_series_in(expr);
+        if series.is_empty()
+            || !series
+                .iter()
+                .all(|s| WITHOUT_JOB_LABELS.contains(&family(s)))
+        {
+            continue;
+        }
+        n += 1;
+        let idents = identifiers(expr);
+        for label in [
+            "job_name",
+            "pod",
+            "namespace",
+            "container",
+            "hpc_job",
+            "rank",
+        ] {
+            assert!(
+                !idents.iter().any(|i| i == label),
+                "{}{}: {label} on series without job labels: {expr}",
+                str_of(rule, "alert"),
+                str_of(rule, "record")
+            );
+        }
+    }
+    assert!(n >= 3, "only {n} rules over machine-wide series");
+}
+
 /// Loads the rule files into a real Prometheus whose stallmon target does not
 /// answer: every rule must evaluate without error and StallmonDown must go
 /// pending.
@@ -437,6 +473,42 @@ fn all_panels(d: &serde_json::Value) -> Vec<serde_json::Value> {
     out
 }
 
+/// stallmon series without job labels: the machine (block layer), stallmon itself, the GPUs'
+/// identity. A `job_name` filter on them would select nothing once a job is chosen.
+const WITHOUT_JOB_LABELS: &[&str] = &[
+    "stallmon_build_info",
+    "stallmon_block_io_latency_seconds",
+    "stallmon_block_io_queue_seconds",
+    "stallmon_block_io_bytes_total",
+    "stallmon_block_io_requests_total",
+    "stallmon_block_io_job_bytes_total",
+    "stallmon_dropped_events_total",
+    "stallmon_record_errors_total",
+    "stallmon_rank_slots",
+    "stallmon_kernel_processes",
+    "stallmon_jobs",
+    "stallmon_gpu_info",
+    "stallmon_gpu_simulated",
+];
+
+/// Job series without a `rank` label; every other job or per-GPU series has one.
+const WITHOUT_RANK: &[&str] = &["stallmon_target_up"];
+
+/// Series only `stallmon trace --syscalls` exports.
+const SYSCALLS_ONLY: &[&str] = &["stallmon_read_latency_seconds", "stallmon_read_bytes_total"];
+
+/// The family a series belongs to (a histogram's `_bucket`, `_sum`, `_count` removed).
+fn family(series: &str) -> &str {
+    for suffix in ["_bucket", "_sum", "_count"] {
+        if let Some(base) = series.strip_suffix(suffix)
+            && prom::HISTOGRAMS.contains(&base)
+        {
+            return base;
+        }
+    }
+    series
+}
+
 #[test]
 fn dashboard_is_well_formed() {
     let d = dashboard();
@@ -453,16 +525,26 @@ fn dashboard_is_well_formed() {
     let ds = var("datasource");
     assert_eq!(ds["type"], "datasource");
     assert_eq!(ds["query"], "prometheus");
-    for name in ["instance", "job_name", "gpu"] {
+    for name in ["instance", "job_name", "rank", "gpu", "device"] {
         let v = var(name);
         assert_eq!(v["type"], "query", "{name}");
         assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}");
         let def = v["definition"].as_str().unwrap_or("");
         assert!(def.starts_with("label_values("), "{name}: {def}");
         assert!(def.ends_with(&format!(", {name})")), "{name}: {def}");
+        assert_eq!(v["query"]["query"], def, "{name}");
         for series in stallmon_series_in(def) {
             assert!(is_stallmon_series(&series), "{name}: {def}");
         }
+    }
+    // The rank variable lists the ranks of a per-rank series.
+    let rank_def = var("rank")["definition"].as_str().unwrap();
+    for series in stallmon_series_in(rank_def) {
+        let fam = family(&series);
+        assert!(
+            !WITHOUT_JOB_LABELS.contains(&fam) && !WITHOUT_RANK.contains(&fam),
+            "rank: {series} has no rank label: {rank_def}"
+        );
     }
 
     let mut ids = HashSet::new();
@@ -483,9 +565,14 @@ fn dashboard_is_well_formed() {
             .map(Vec::as_slice)
             .unwrap_or(&[]);
         assert!(!targets.is_empty(), "panel {title} has no targets");
+        let mut ref_ids = HashSet::new();
         for t in targets {
             let expr = t["expr"].as_str().unwrap_or("");
             assert!(!expr.is_empty(), "{title}: target without expr");
+            assert!(
+                ref_ids.insert(t["refId"].as_str().unwrap_or("")),
+                "{title}: duplicate refId"
+            );
             exprs += 1;
             assert_eq!(t["datasource"]["uid"], "${datasource}", "{title}");
             let sels = selectors(expr);
@@ -495,11 +582,27 @@ fn dashboard_is_well_formed() {
                     is_stallmon_series(&metric),
                     "{title}: unknown metric {metric}"
                 );
-                for filter in [r#"instance=~"$instance""#, r#"job_name=~"$job_name""#] {
+                let fam = family(&metric);
+                assert!(
+                    matchers.contains(r#"instance=~"$instance""#),
+                    "{title}: {metric} is not filtered by node: {expr}"
+                );
+                if WITHOUT_JOB_LABELS.contains(&fam) {
                     assert!(
-                        matchers.contains(filter),
-                        "{title}: {metric} is not filtered by {filter}: {expr}"
+                        !matchers.contains("job_name") && !matchers.contains("rank"),
+                        "{title}: {metric} has no job labels, yet is filtered by them: {expr}"
                     );
+                } else {
+                    assert!(
+                        matchers.contains(r#"job_name=~"$job_name""#),
+                        "{title}: {metric} is not filtered by job: {expr}"
+                    );
+                    if !WITHOUT_RANK.contains(&fam) {
+                        assert!(
+                            matchers.contains(r#"rank=~"$rank""#),
+                            "{title}: {metric} is not filtered by rank: {expr}"
+                        );
+                    }
                 }
                 let has_gpu_label =
                     metric.starts_with("stallmon_gpu_") && metric != "stallmon_gpu_simulated";
@@ -509,12 +612,56 @@ fn dashboard_is_well_formed() {
                         "{title}: {metric} is not filtered by gpu: {expr}"
                     );
                 }
+                if metric.starts_with("stallmon_block_io_") {
+                    assert!(
+                        matchers.contains(r#"device=~"$device""#),
+                        "{title}: {metric} is not filtered by device: {expr}"
+                    );
+                }
             }
             if panel["type"] == "heatmap" {
                 assert_eq!(t["format"], "heatmap", "{title}");
                 assert!(expr.contains("_bucket"), "{title}");
                 assert_eq!(t["legendFormat"], "{{le}}", "{title}");
             }
+        }
+        // Panels that split thread time by state colour every state, cpu_wait included.
+        let by_state = targets.iter().any(|t| {
+            let e = t["expr"].as_str().unwrap_or("");
+            e.contains("stallmon_task_state_seconds_total") && e.contains("state)")
+        });
+        if by_state {
+            let overrides = panel["fieldConfig"]["overrides"].to_string();
+            for state in [
+                "on_cpu",
+                "storage_wait",
+                "ipc_wait",
+                "other_wait",
+                "cpu_wait",
+            ] {
+                assert!(
+                    overrides.contains(state),
+                    "{title}: no colour for thread state {state}"
+                );
+            }
+        }
+        // A query that needs `stallmon trace --syscalls` is never a panel's only one.
+        let syscalls_only = |t: &serde_json::Value| {
+            let sels = selectors(t["expr"].as_str().unwrap_or(""));
+            sels.iter().all(|(m, _)| SYSCALLS_ONLY.contains(&family(m)))
+        };
+        if targets.iter().any(syscalls_only) {
+            assert!(
+                !targets.iter().all(syscalls_only),
+                "{title}: shows nothing without --syscalls"
+            );
+            assert!(
+                panel["description"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains("--syscalls"),
+                "{title}: does not say which lines need --syscalls"
+            );
         }
     }
     assert!(exprs >= 10, "only {exprs} queries");
@@ -531,13 +678,17 @@ fn dashboard_is_well_formed() {
     };
     for needle in [
         "rate(stallmon_gpu_idle_seconds_total",
+        "sum by (job_name, rank, cause) (rate(stallmon_gpu_idle_seconds_total",
         "stallmon_gpu_utilization_ratio",
+        "stallmon_gpu_info",
         "stallmon_block_io_latency_seconds_bucket",
         "stallmon_read_stall_seconds_bucket",
-        "rate(stallmon_read_bytes_total",
+        "rate(stallmon_task_read_bytes_total",
         "rate(stallmon_task_state_seconds_total",
+        "rate(stallmon_job_block_io_bytes_total",
         "stallmon_tracked_processes",
         "stallmon_dropped_events_total",
+        "stallmon_build_info",
     ] {
         assert!(find_expr(needle), "no panel queries {needle}");
     }
@@ -568,6 +719,7 @@ fn dashboard_queries_are_valid_promql() {
                 .replace("$__interval", "15s")
                 .replace("$instance", ".*")
                 .replace("$job_name", ".*")
+                .replace("$rank", ".*")
                 .replace("$gpu", ".*")
                 .replace("$device", ".*");
             assert!(!expr.contains('$'), "unreplaced variable in {expr}");
@@ -1111,7 +1263,7 @@ fn kubernetes_manifests() {
     );
     let annotations = &pod["metadata"]["annotations"];
     assert_eq!(annotations["prometheus.io/scrape"], "true");
-    assert_eq!(annotations["prometheus.io/port"], "9435");
+    assert_eq!(annotations["prometheus.io/port"], "19435");
     let spec = &pod["spec"];
     assert_eq!(spec["hostPID"], true);
     assert_eq!(spec["runtimeClassName"], "nvidia");
@@ -1144,22 +1296,32 @@ fn kubernetes_manifests() {
         .collect();
     assert_eq!(env.get("NVIDIA_VISIBLE_DEVICES"), Some(&"all"));
     assert_eq!(env.get("NVIDIA_DRIVER_CAPABILITIES"), Some(&"utility"));
+    // The node agent, configured through its environment variables.
     let command_line: String = seq(&c["command"])
         .iter()
         .chain(seq(&c["args"]))
         .filter_map(Yaml::as_str)
         .collect::<Vec<_>>()
         .join(" ");
-    assert!(
-        command_line.contains("--listen 0.0.0.0:9435"),
-        "{command_line}"
+    assert_eq!(command_line, "/usr/local/bin/stallmon node");
+    assert_eq!(env.get("STALLMON_LISTEN"), Some(&"0.0.0.0:19435"));
+    assert_eq!(
+        env.get("STALLMON_POD_RESOURCES_SOCKET"),
+        Some(&"/var/lib/kubelet/pod-resources/kubelet.sock")
     );
-    assert_eq!(c["ports"][0]["containerPort"], 9435);
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(c[probe]["httpGet"]["path"], "/healthz", "{probe}");
+    }
+    assert_eq!(c["ports"][0]["containerPort"], 19435);
     let mounts: BTreeMap<&str, &Yaml> = seq(&c["volumeMounts"])
         .iter()
         .map(|m| (str_of(m, "mountPath"), m))
         .collect();
-    for path in ["/sys/kernel/btf", "/sys/kernel/tracing"] {
+    for path in [
+        "/sys/kernel/btf",
+        "/sys/kernel/tracing",
+        "/var/lib/kubelet/pod-resources",
+    ] {
         let m = mounts
             .get(path)
             .unwrap_or_else(|| panic!("{path} not mounted"));
@@ -1173,7 +1335,7 @@ fn kubernetes_manifests() {
 
     let svc = by_kind("Service");
     assert_eq!(svc["spec"]["clusterIP"], "None");
-    assert_eq!(svc["spec"]["ports"][0]["port"], 9435);
+    assert_eq!(svc["spec"]["ports"][0]["port"], 19435);
     assert_eq!(
         svc["spec"]["selector"]["app.kubernetes.io/name"],
         labels["app.kubernetes.io/name"]
@@ -1191,6 +1353,26 @@ fn kubernetes_manifests() {
     );
     // The job label comes from the Service name; StallmonDown expects "stallmon".
     assert_eq!(svc["metadata"]["name"], "stallmon");
+    // The training job's pod labels stay pod/namespace/container, not exported_*.
+    assert_eq!(sm["spec"]["endpoints"][0]["honorLabels"], true);
+    // ...and stallmon's own pod labels do not land on the machine-wide series.
+    let drops = sm["spec"]["endpoints"][0]["relabelings"]
+        .as_sequence()
+        .into_iter()
+        .flatten()
+        .filter(|r| r["action"] == "labeldrop")
+        .filter_map(|r| r["regex"].as_str())
+        .map(|re| regex::Regex::new(&format!("^(?:{re})$")).unwrap())
+        .collect::<Vec<_>>();
+    for label in ["pod", "namespace", "container"] {
+        assert!(
+            drops.iter().any(|re| re.is_match(label)),
+            "the ServiceMonitor keeps the target's {label} label"
+        );
+    }
+    for label in ["instance", "job"] {
+        assert!(!drops.iter().any(|re| re.is_match(label)), "{label} dropped");
+    }
 }
 
 // ------------------------------------------------------------------ operator guide
@@ -1213,7 +1395,7 @@ fn operator_guide_covers_every_alert() {
         "stallmon check",
         "cargo xtask build",
         "kube-rbac-proxy",
-        "127.0.0.1:9435",
+        "127.0.0.1:19435",
     ] {
         assert!(
             guide.contains(needle),

@@ -680,6 +680,11 @@ fn prometheus_scrapes_every_metric() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    assert!(
+        prom::unknown_families(&text).is_empty(),
+        "families missing from tests::prom::STALLMON_METRICS: {:?}",
+        prom::unknown_families(&text)
+    );
     let server = prom::Prometheus::start(&tracer.addr.to_string()).unwrap();
     for m in METRICS {
         let v = server
