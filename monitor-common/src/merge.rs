@@ -81,6 +81,15 @@ impl Accumulate for BlockStats {
     }
 }
 
+/// Per-CPU pieces of the open intervals: a thread enters a state on one CPU and leaves it on
+/// another, so single CPUs' values wrap below zero; only the wrapping sum means anything.
+impl Accumulate for OpenIntervals {
+    fn accumulate(&mut self, o: &Self) {
+        add(&mut self.count, &o.count);
+        add(&mut self.since_sum, &o.since_sum);
+    }
+}
+
 impl Accumulate for u64 {
     fn accumulate(&mut self, o: &Self) {
         *self = self.wrapping_add(*o);
@@ -108,6 +117,24 @@ impl OpenIntervals {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn open_intervals_sum_across_cpus() {
+        // Thread A enters state 1 at t=100 on CPU 0; at t=250 on CPU 1 it closes its interval
+        // (since += 150) and leaves (count -= 1, since -= 250). Thread B enters state 1 at
+        // t=200 on CPU 1.
+        let n = |v: u64| v.wrapping_neg();
+        let mut cpu0 = OpenIntervals::default();
+        let mut cpu1 = OpenIntervals::default();
+        cpu0.count[1] = 1;
+        cpu0.since_sum[1] = 100;
+        cpu1.count[1] = n(1).wrapping_add(1);
+        cpu1.since_sum[1] = 150u64.wrapping_add(n(250)).wrapping_add(200);
+        let sum = OpenIntervals::sum([&cpu0, &cpu1]);
+        assert_eq!(sum.count[1], 1);
+        // At t=300 only B is open, for 100 ns.
+        assert_eq!(sum.open_ns(300)[1], 100);
+    }
 
     #[test]
     fn per_cpu_values_add_up() {

@@ -30,6 +30,11 @@ pub struct KernelOffsets {
     pub rq_data_len: u32,
     pub rq_q: u32,
     pub rq_start_time_ns: u32,
+    /// `request.rq_flags` and `request.io_start_time_ns`: the block layer's own issue time,
+    /// set when the request carries `RQF_STATS` (the mask `rqf_stats`).
+    pub rq_rq_flags: u32,
+    pub rq_io_start_time_ns: u32,
+    pub rqf_stats: u32,
     pub queue_disk: u32,
     pub disk_major: u32,
     pub disk_first_minor: u32,
@@ -42,6 +47,9 @@ pub struct KernelOffsets {
     pub req_op_write: u32,
     pub req_op_flush: u32,
     pub req_op_discard: u32,
+    /// Passthrough operations (`REQ_OP_DRV_IN`, `REQ_OP_DRV_OUT`): never timed by the kernel.
+    pub req_op_drv_in: u32,
+    pub req_op_drv_out: u32,
     /// Non-zero when `task_struct.ioac` exists (CONFIG_TASK_XACCT / TASK_IO_ACCOUNTING).
     pub has_ioac: u32,
     pub _pad: u32,
@@ -116,7 +124,18 @@ pub struct TaskState {
     /// `--syscalls`: fd kind of the read call in progress, or `READ_NONE`.
     pub read_kind: u32,
     pub read_start_ns: u64,
+    /// The thread's share of its process's counters (`ProcInfo`) not yet added there: they are
+    /// added at most every `PROC_FLUSH_NS` and when the thread exits, so that a context switch
+    /// needs no process lookup.
+    pub pending_state_ns: [u64; NUM_STATES],
+    pub pending_stall_count: [u64; NUM_FD_KINDS],
+    pub pending_stall_ns: [u64; NUM_FD_KINDS],
+    pub flushed_ns: u64,
 }
+
+/// How long a thread's process counters may wait in its `TaskState` (user space reads them
+/// every interval; a second's figures miss at most this much of each live thread's time).
+pub const PROC_FLUSH_NS: u64 = 20_000_000;
 
 /// Per-slot, per-role totals, one per CPU (`SLOT_STATS`, indexed by `slot_index`).
 #[repr(C)]
@@ -130,7 +149,8 @@ pub struct SlotStats {
 
 /// Threads currently in each state and the sum of their `since_ns` (`OPEN`, indexed by
 /// `slot_index`), so that user space can add the time they have spent in it so far without
-/// walking threads: open time at `now` is `count * now - since_sum` (wrapping, atomic adds).
+/// walking threads: open time at `now` is `count * now - since_sum`, over the wrapping sum of
+/// the per-CPU values.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct OpenIntervals {
@@ -159,16 +179,13 @@ pub struct ReadStats {
     pub hist: [u64; HIST_SLOTS],
 }
 
-/// An in-flight block request, in slot `inflight_slot(rq)` of a direct-mapped array; `rq` is the
-/// `struct request *` that owns the slot (0 = free).
+/// An in-flight block request the kernel does not time itself, in slot `inflight_slot(rq)` of a
+/// direct-mapped array; `rq` is the `struct request *` that owns the slot (0 = free).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Inflight {
     pub rq: u64,
     pub issue_ns: u64,
-    /// `TRACKED` value of the job process that submitted it, 0 when not a job process.
-    pub submitter: u32,
-    pub _pad: u32,
 }
 
 /// Per device and operation (`BLOCK_STATS`, per CPU, indexed by `dev slot * NUM_OPS + op`).
@@ -186,7 +203,8 @@ pub struct BlockStats {
     /// the request is allocated) and the sum of start-to-issue times.
     pub queue_count: u64,
     pub queue_sum_ns: u64,
-    /// Requests and bytes submitted by tracked job processes (all jobs), by role.
+    /// Requests and bytes submitted by tracked job processes (all jobs), by role, counted at
+    /// submission.
     pub job_count: [u64; NUM_ROLES],
     pub job_bytes: [u64; NUM_ROLES],
     /// Issue -> complete and start -> issue histograms.

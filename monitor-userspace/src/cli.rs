@@ -46,6 +46,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// Where a block request's issue time comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BlockIssueTime {
+    /// The block layer's own timestamp where it keeps one (the common case: devices with
+    /// writeback throttling or other block statistics), a probe at issue elsewhere.
+    Auto,
+    /// A probe at issue for every request (costs more per I/O; for comparison and for
+    /// kernels whose plug-cached timestamps hide queueing).
+    Probe,
+}
+
 #[derive(Subcommand)]
 pub enum Cmd {
     /// Trace one job: a running process (--pid) or a command (after --). Serves /metrics, prints
@@ -139,6 +150,14 @@ pub struct CommonArgs {
     /// docs/benchmarks.md). The default mode measures read stalls at the context switch instead.
     #[arg(long, env = "STALLMON_SYSCALLS")]
     pub syscalls: bool,
+    /// Where block requests' issue times come from (docs/metrics.md, "Block I/O").
+    #[arg(
+        long,
+        env = "STALLMON_BLOCK_ISSUE_TIME",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub block_issue_time: BlockIssueTime,
     /// GPUs to attribute: NVML indexes or UUIDs, comma separated (default: the GPUs where the
     /// job holds a context).
     #[arg(long, env = "STALLMON_GPUS", value_delimiter = ',')]

@@ -140,6 +140,7 @@ pub fn run_all(load: bool, nvml_lib: Option<&Path>) -> Vec<CheckItem> {
             result: crate::kernel::Kernel::load(LoadOptions {
                 syscalls: true,
                 slots: 1,
+                probe_issue_time: false,
             })
             .map(|_| {
                 format!(

@@ -44,12 +44,12 @@ fn open_move(idx: u32, state: u32, dn: u64, dsum: u64) {
     if dn != 0
         && let Some(c) = o.count.get_mut(s)
     {
-        atomic_add(c, dn);
+        *c = c.wrapping_add(dn);
     }
     if dsum != 0
         && let Some(c) = o.since_sum.get_mut(s)
     {
-        atomic_add(c, dsum);
+        *c = c.wrapping_add(dsum);
     }
 }
 
@@ -91,6 +91,7 @@ pub fn task_state(
         t.state = STATE_ON_CPU;
         t.since_ns = now;
         t.read_kind = READ_NONE;
+        t.flushed_ns = now;
         open_enter(index_of(value), STATE_ON_CPU, now);
     }
     Some(t)
@@ -98,7 +99,7 @@ pub fn task_state(
 
 /// Adds the time since `t.since_ns` to the thread's current state, then restarts the clock.
 #[inline(always)]
-pub fn close(t: &mut TaskState, now: u64, proc_: Option<*mut ProcInfo>) {
+pub fn close(t: &mut TaskState, now: u64) {
     let dt = now.saturating_sub(t.since_ns);
     t.since_ns = now;
     let st = t.state as usize;
@@ -113,10 +114,40 @@ pub fn close(t: &mut TaskState, now: u64, proc_: Option<*mut ProcInfo>) {
         }
     }
     open_move(idx, t.state, 0, dt);
-    if let Some(p) = proc_ {
-        let p = unsafe { &mut *p };
-        if let Some(v) = p.state_ns.get_mut(st) {
-            atomic_add(v, dt);
+    if let Some(v) = t.pending_state_ns.get_mut(st) {
+        *v += dt;
+    }
+}
+
+/// Adds the thread's pending process counters to its process's entry when `PROC_FLUSH_NS`
+/// has passed since the last time (or always, with `force`: the thread exits).
+#[inline(always)]
+pub fn flush_proc(t: &mut TaskState, now: u64, force: bool) {
+    if !force && now.saturating_sub(t.flushed_ns) < PROC_FLUSH_NS {
+        return;
+    }
+    t.flushed_ns = now;
+    let Some(p) = proc_entry(t.tgid) else {
+        t.pending_state_ns = [0; NUM_STATES];
+        t.pending_stall_count = [0; NUM_FD_KINDS];
+        t.pending_stall_ns = [0; NUM_FD_KINDS];
+        return;
+    };
+    let p = unsafe { &mut *p };
+    for i in 0..NUM_STATES {
+        let v = t.pending_state_ns[i];
+        if v != 0 {
+            atomic_add(&mut p.state_ns[i], v);
+            t.pending_state_ns[i] = 0;
+        }
+    }
+    for i in 0..NUM_FD_KINDS {
+        let c = t.pending_stall_count[i];
+        if c != 0 {
+            atomic_add(&mut p.stall_count[i], c);
+            atomic_add(&mut p.stall_ns[i], t.pending_stall_ns[i]);
+            t.pending_stall_count[i] = 0;
+            t.pending_stall_ns[i] = 0;
         }
     }
 }
@@ -124,11 +155,11 @@ pub fn close(t: &mut TaskState, now: u64, proc_: Option<*mut ProcInfo>) {
 /// Moves the thread to the accounting of `value` (user space changed its process's role or
 /// rank): its time so far stays with the old one.
 #[inline(always)]
-pub fn migrate(t: &mut TaskState, value: u32, now: u64, proc_: Option<*mut ProcInfo>) {
+pub fn migrate(t: &mut TaskState, value: u32, now: u64) {
     if t.tracked == value {
         return;
     }
-    close(t, now, proc_);
+    close(t, now);
     if accounted(t.tracked) {
         open_leave(index_of(t.tracked), t.state, now);
     }
@@ -176,7 +207,7 @@ pub fn set_state(t: &mut TaskState, tid: u32, state: u32, now: u64) {
 
 /// The thread wakes from a sleep inside a read-family call: one read stall.
 #[inline(always)]
-pub fn end_stall(t: &mut TaskState, now: u64, proc_: Option<*mut ProcInfo>) {
+pub fn end_stall(t: &mut TaskState, now: u64) {
     if t.stall_kind == 0 {
         return;
     }
@@ -195,14 +226,11 @@ pub fn end_stall(t: &mut TaskState, now: u64, proc_: Option<*mut ProcInfo>) {
             atomic_add(h, 1);
         }
     }
-    if let Some(p) = proc_ {
-        let p = unsafe { &mut *p };
-        if let Some(c) = p.stall_count.get_mut(kind as usize) {
-            atomic_add(c, 1);
-        }
-        if let Some(c) = p.stall_ns.get_mut(kind as usize) {
-            atomic_add(c, dt);
-        }
+    if let Some(c) = t.pending_stall_count.get_mut(kind as usize) {
+        *c += 1;
+    }
+    if let Some(c) = t.pending_stall_ns.get_mut(kind as usize) {
+        *c += dt;
     }
 }
 

@@ -33,6 +33,9 @@ pub static CONFIG: Config = Config {
         rq_data_len: 0,
         rq_q: 0,
         rq_start_time_ns: 0,
+        rq_rq_flags: 0,
+        rq_io_start_time_ns: 0,
+        rqf_stats: 0,
         queue_disk: 0,
         disk_major: 0,
         disk_first_minor: 0,
@@ -43,6 +46,8 @@ pub static CONFIG: Config = Config {
         req_op_write: 0,
         req_op_flush: 0,
         req_op_discard: 0,
+        req_op_drv_in: 0,
+        req_op_drv_out: 0,
         has_ioac: 0,
         _pad: 0,
     },
@@ -73,10 +78,11 @@ pub static PROCS: HashMap<u32, ProcInfo> = HashMap::with_max_entries(MAX_PROCS, 
 #[map]
 pub static SLOT_STATS: PerCpuArray<SlotStats> =
     PerCpuArray::with_max_entries(DEFAULT_SLOTS * NUM_ROLES as u32, 0);
-/// Per slot and role: threads in each state now (see `OpenIntervals`).
+/// Per slot and role: threads in each state now (see `OpenIntervals`), per CPU (plain adds;
+/// only the wrapping sum over CPUs means anything).
 #[map]
-pub static OPEN: Array<OpenIntervals> =
-    Array::with_max_entries(DEFAULT_SLOTS * NUM_ROLES as u32, 0);
+pub static OPEN: PerCpuArray<OpenIntervals> =
+    PerCpuArray::with_max_entries(DEFAULT_SLOTS * NUM_ROLES as u32, 0);
 /// Per slot, role and fd kind: sleeps inside read-family calls.
 #[map]
 pub static STALLS: Array<StallStats> =
@@ -93,6 +99,10 @@ pub static INFLIGHT: Array<Inflight> = Array::with_max_entries(MAX_INFLIGHT, 0);
 /// Device numbers of the device slots (0 = free), direct-mapped with linear probing.
 #[map]
 pub static BLOCK_DEVS: Array<u32> = Array::with_max_entries(MAX_DEVS, 0);
+/// Per device slot: 1 while the device's last completed request carried the block layer's own
+/// issue time (`RQF_STATS`), so that its issues need no `INFLIGHT` entry.
+#[map]
+pub static DEV_TIMED: Array<u32> = Array::with_max_entries(MAX_DEVS, 0);
 /// Per device slot and operation, per CPU.
 #[map]
 pub static BLOCK_STATS: PerCpuArray<BlockStats> =

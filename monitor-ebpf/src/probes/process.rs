@@ -116,12 +116,12 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
         return 0;
     }
     let now = unsafe { bpf_ktime_get_ns() };
-    let p = PROCS.get_ptr_mut(&tgid);
     if let Some(t) = task_state(task, tgid, value, now, false)
         && t.exited == 0
     {
-        migrate(t, value, now, p);
-        close(t, now, p);
+        migrate(t, value, now);
+        close(t, now);
+        flush_proc(t, now, true);
         if accounted(t.tracked) {
             open_leave(index_of(t.tracked), t.state, now);
             let (slot, role) = tracked_parts(t.tracked);
@@ -140,6 +140,7 @@ pub fn sched_process_exit(_ctx: BtfTracePointContext) -> i32 {
         }
         t.exited = 1;
     }
+    let p = PROCS.get_ptr_mut(&tgid);
     // This thread's own I/O accounting joins its process's (user space adds the live threads').
     if let Some(p) = p
         && kcfg!(has_ioac) != 0

@@ -1,5 +1,6 @@
 //! `sched_switch`: where tracked threads' time is split into states. Runs on every context
-//! switch of the machine: an untracked task costs one typed read and one inlined array load.
+//! switch of the machine: an untracked task costs one typed read and one inlined array load; a
+//! tracked one its task storage, no process lookup (see `flush_proc`).
 use aya_ebpf::{
     helpers::generated::{bpf_ktime_get_ns, bpf_task_pt_regs},
     macros::btf_tracepoint,
@@ -67,7 +68,8 @@ fn retire(task: *const u8, tgid: u32, value: u32, now: u64) {
     if let Some(t) = task_state(task, tgid, value, now, false)
         && t.exited == 0
     {
-        migrate(t, value, now, PROCS.get_ptr_mut(&tgid));
+        migrate(t, value, now);
+        flush_proc(t, now, false);
     }
 }
 
@@ -89,12 +91,12 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         } else if let Some(t) = task_state(prev, tgid, value, now, true)
             && t.exited == 0
         {
-            let p = proc_entry(tgid);
-            migrate(t, value, now, p);
-            close(t, now, p);
+            migrate(t, value, now);
+            close(t, now);
             let (state, stall) = off_cpu(t, prev, preempt & 1 != 0, prev_state as u32);
             t.stall_kind = stall;
             set_state(t, tid, state, now);
+            flush_proc(t, now, false);
         }
     }
 
@@ -109,11 +111,11 @@ pub fn sched_switch(ctx: BtfTracePointContext) -> i32 {
         } else if let Some(t) = task_state(next, tgid, value, now, false)
             && t.exited == 0
         {
-            let p = proc_entry(tgid);
-            migrate(t, value, now, p);
-            end_stall(t, now, p);
-            close(t, now, p);
+            migrate(t, value, now);
+            end_stall(t, now);
+            close(t, now);
             set_state(t, tid, STATE_ON_CPU, now);
+            flush_proc(t, now, false);
         }
     }
     0

@@ -39,6 +39,7 @@ pub fn run(args: NodeArgs) -> Result<i32> {
     let kernel = Kernel::load(LoadOptions {
         syscalls: c.syscalls,
         slots: c.max_ranks,
+        probe_issue_time: c.block_issue_time == crate::cli::BlockIssueTime::Probe,
     })?;
     let jobs = Jobs::new(DiscoverConfig {
         max_slots: c.max_ranks,

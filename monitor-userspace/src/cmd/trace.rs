@@ -73,6 +73,7 @@ pub fn run(args: TraceArgs) -> Result<i32> {
     let mut kernel = Kernel::load(LoadOptions {
         syscalls: c.syscalls,
         slots: c.max_ranks,
+        probe_issue_time: c.block_issue_time == crate::cli::BlockIssueTime::Probe,
     })?;
     let mut target = match attach {
         Some(pid) => Target::Attached(pid),

@@ -128,6 +128,9 @@ pub struct LoadOptions {
     pub syscalls: bool,
     /// Rank slots (sizes the per-slot arrays).
     pub slots: u32,
+    /// Time every block request's issue with the probe, even where the block layer keeps a
+    /// timestamp of its own.
+    pub probe_issue_time: bool,
 }
 
 /// The loaded, attached programs and every map handle. Dropping it detaches everything.
@@ -138,7 +141,7 @@ pub struct Kernel {
     slot_conf: Array<MapData, SlotConf>,
     procs: HashMap<MapData, u32, ProcInfo>,
     slot_stats: PerCpuArray<MapData, SlotStats>,
-    open: Array<MapData, OpenIntervals>,
+    open: PerCpuArray<MapData, OpenIntervals>,
     stalls: Array<MapData, StallStats>,
     reads: PerCpuArray<MapData, ReadStats>,
     block_devs: Array<MapData, u32>,
@@ -185,7 +188,10 @@ impl Kernel {
         // SAFETY: plain syscall with a valid pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &rlim) };
 
-        let offsets = offsets::resolve_running_kernel()?;
+        let mut offsets = offsets::resolve_running_kernel()?;
+        if options.probe_issue_time {
+            offsets.rqf_stats = 0;
+        }
         let config = Config { offsets };
         let btf = Btf::from_sys_fs().map_err(|e| KernelError::NoBtf {
             path: offsets::btf_path(),
@@ -327,7 +333,10 @@ impl Kernel {
             .get(&i, 0)
             .map_err(map_err("reading SLOT_STATS"))?;
         let open = self.open.get(&i, 0).map_err(map_err("reading OPEN"))?;
-        Ok((SlotStats::sum(stats.iter()), open))
+        Ok((
+            SlotStats::sum(stats.iter()),
+            OpenIntervals::sum(open.iter()),
+        ))
     }
 
     /// Read stalls of `(slot, role)` by fd kind.

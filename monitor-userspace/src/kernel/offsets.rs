@@ -137,6 +137,17 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, KernelError> {
         Ok((a, c, d, e)) => (a, c, d, e, 1),
         Err(_) => (0, 0, 0, 0, 0),
     };
+    // The block layer's own issue time (kernels whose BTF names the RQF_STATS bit; elsewhere
+    // every request is timed by the programs, rqf_stats = 0).
+    let kernel_timing = (|| -> Result<_, KernelError> {
+        let bit = enum_value(btf, "rqf_flags", "__RQF_STATS")?;
+        Ok((
+            byte_offset(btf, "request", "rq_flags")?,
+            byte_offset(btf, "request", "io_start_time_ns")?,
+            if bit < 32 { 1u32 << bit } else { 0 },
+        ))
+    })();
+    let (rq_rq_flags, rq_io_start_time_ns, rqf_stats) = kernel_timing.unwrap_or((0, 0, 0));
     Ok(KernelOffsets {
         task_pid: byte_offset(btf, "task_struct", "pid")?,
         task_tgid: byte_offset(btf, "task_struct", "tgid")?,
@@ -159,6 +170,9 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, KernelError> {
         rq_data_len: byte_offset(btf, "request", "__data_len")?,
         rq_q: byte_offset(btf, "request", "q")?,
         rq_start_time_ns: byte_offset(btf, "request", "start_time_ns")?,
+        rq_rq_flags,
+        rq_io_start_time_ns,
+        rqf_stats,
         queue_disk: byte_offset(btf, "request_queue", "disk")?,
         disk_major: byte_offset(btf, "gendisk", "major")?,
         disk_first_minor: byte_offset(btf, "gendisk", "first_minor")?,
@@ -169,6 +183,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, KernelError> {
         req_op_write: enum_value(btf, "req_op", "REQ_OP_WRITE")?,
         req_op_flush: enum_value(btf, "req_op", "REQ_OP_FLUSH")?,
         req_op_discard: enum_value(btf, "req_op", "REQ_OP_DISCARD")?,
+        req_op_drv_in: enum_value(btf, "req_op", "REQ_OP_DRV_IN")?,
+        req_op_drv_out: enum_value(btf, "req_op", "REQ_OP_DRV_OUT")?,
         has_ioac,
         _pad: 0,
     })
@@ -215,5 +231,9 @@ mod tests {
             (0, 1, 2, 3)
         );
         assert_eq!(o.req_op_mask, 0xff);
+        assert_eq!((o.req_op_drv_in, o.req_op_drv_out), (34, 35));
+        // The block layer times requests itself on this kernel (6.18: __RQF_STATS = 11).
+        assert_eq!(o.rqf_stats, 1 << 11);
+        assert!(o.rq_io_start_time_ns > o.rq_start_time_ns);
     }
 }
