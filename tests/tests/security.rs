@@ -240,7 +240,7 @@ fn killed_tracer_records_are_reported_in_full() {
             "100".into(),
             "--drop-cache".into(),
             "--report".into(),
-            "/dev/null".into(),
+            d.join(format!("loader-{round}.json")).display().to_string(),
         ];
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let tracer = Tracer::start(&args).unwrap();

@@ -13,6 +13,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from standin_gpu import StandinGpu  # noqa: E402
 
 
+
+def publish(path, text):
+    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
+    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu-dir", required=True)
@@ -30,9 +43,7 @@ def main():
     gpu = StandinGpu(args.gpu_dir, args.gpu_index)
     gpu.open_context()
     if args.started:
-        with open(args.started + ".tmp", "w") as f:
-            f.write(str(time.monotonic_ns()))
-        os.rename(args.started + ".tmp", args.started)
+        publish(args.started, str(time.monotonic_ns()))
     end = time.monotonic() + args.seconds
     while time.monotonic() < end:
         start = time.monotonic_ns()

@@ -71,6 +71,19 @@ def start_gpu(gpu_dir):
     threading.Thread(target=steps, daemon=True).start()
 
 
+
+def publish(path, text):
+    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
+    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--data", required=True)
@@ -126,10 +139,7 @@ def main():
         "bytes": nbytes,
         "seconds": time.monotonic() - t0,
     }
-    tmp = args.report + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f)
-    os.rename(tmp, args.report)
+    publish(args.report, json.dumps(report))
     time.sleep(args.hold)
 
 

@@ -16,6 +16,19 @@ import time
 BLOCK = 4096
 
 
+
+def publish(path, text):
+    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
+    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--file", required=True)
@@ -60,10 +73,7 @@ def main():
         "p50_s": lat[len(lat) // 2] / 1e9,
         "p99_s": lat[int(len(lat) * 0.99)] / 1e9,
     }
-    tmp = args.report + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(report, f)
-    os.rename(tmp, args.report)
+    publish(args.report, json.dumps(report))
     time.sleep(args.linger)
 
 

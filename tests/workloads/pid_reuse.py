@@ -24,6 +24,19 @@ def read_file(path, total):
     return got
 
 
+
+def publish(path, text):
+    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
+    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--file", required=True)
@@ -64,9 +77,7 @@ def main():
         # only child is a wrapper, and stallmon rightly hands the feeder role to the child).
         while os.waitpid(b, os.WNOHANG) == (0, 0):
             time.sleep(0.05)
-    with open(args.report + ".tmp", "w") as f:
-        json.dump({"a": a, "b": b, "reused": b == a, "bytes": args.mib << 20}, f)
-    os.rename(args.report + ".tmp", args.report)
+    publish(args.report, json.dumps({"a": a, "b": b, "reused": b == a, "bytes": args.mib << 20}))
     time.sleep(args.linger)
 
 

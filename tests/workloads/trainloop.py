@@ -378,6 +378,19 @@ def gpu_step(truth, gpu, gpu_ms):
     gpu.step(start, end)  # host work after the step, closed by the next segment
 
 
+
+def publish(path, text):
+    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
+    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.rename(tmp, path)
+
 def main(argv):
     args = parse_args(argv)
     if args.prepare:
@@ -431,9 +444,7 @@ def main(argv):
     truth.blocking()  # shutdown
     if args.truth:
         report = truth.report(args, {"prepared_in_run": prepared_in_run})
-        with open(args.truth + ".tmp", "w") as f:
-            json.dump(report, f, indent=1)
-        os.rename(args.truth + ".tmp", args.truth)
+        publish(args.truth, json.dumps(report, indent=1))
     if args.timeline:
         with open(args.timeline, "w") as f:
             for seg in truth.timeline:
