@@ -38,6 +38,11 @@ pub mod nr {
     pub const FUTEX_WAIT: u64 = 455;
 }
 
+/// `pt_regs.ax` of a thread inside a syscall: the x86-64 entry code stores `-ENOSYS` there
+/// (`PUSH_AND_CLEAR_REGS rax=$-ENOSYS`, and FRED's entry likewise) and the return value
+/// replaces it only when the call returns.
+pub const ENOSYS_RET: u64 = (-38i64) as u64;
+
 /// The read family, whose sleeps are read stalls: read, pread64, readv, preadv, preadv2.
 #[inline(always)]
 pub fn is_read_family(n: u64) -> bool {

@@ -40,6 +40,10 @@ pub struct KernelOffsets {
     pub disk_first_minor: u32,
     pub regs_orig_ax: u32,
     pub regs_di: u32,
+    /// `pt_regs.ax`: `-ENOSYS` while a syscall runs (the entry code stores it there and the
+    /// return value replaces it only at exit), the user's `rax` in an exception.
+    pub regs_ax: u32,
+    pub _pad2: u32,
     /// `(1 << REQ_OP_BITS) - 1`, where REQ_OP_BITS is the first value of `enum req_flag_bits`.
     pub req_op_mask: u32,
     /// `enum req_op` values.

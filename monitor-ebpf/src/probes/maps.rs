@@ -41,6 +41,8 @@ pub static CONFIG: Config = Config {
         disk_first_minor: 0,
         regs_orig_ax: 0,
         regs_di: 0,
+        regs_ax: 0,
+        _pad2: 0,
         req_op_mask: 0,
         req_op_read: 0,
         req_op_write: 0,

@@ -36,6 +36,20 @@ fn off_cpu(t: &TaskState, task: *const u8, preempt: bool, prev_state: u32) -> (u
             0,
         );
     }
+    // orig_ax holds the syscall number only inside a syscall, which is also when ax holds
+    // -ENOSYS (the return value replaces it at exit); an exception, such as a page fault waiting
+    // on a lock, leaves its error code in orig_ax, which can look like a syscall (7 = poll).
+    let ax: u64 = field(regs, kcfg!(regs_ax));
+    if ax != abi::ENOSYS_RET {
+        return (
+            if iowait {
+                STATE_STORAGE_WAIT
+            } else {
+                STATE_OTHER_WAIT
+            },
+            0,
+        );
+    }
     let nr: u64 = field(regs, kcfg!(regs_orig_ax));
     if abi::is_read_family(nr) {
         let kind = if t.read_kind != READ_NONE {

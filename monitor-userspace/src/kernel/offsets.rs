@@ -178,6 +178,8 @@ pub fn resolve(btf: &Btf) -> Result<KernelOffsets, KernelError> {
         disk_first_minor: byte_offset(btf, "gendisk", "first_minor")?,
         regs_orig_ax: byte_offset(btf, "pt_regs", "orig_ax")?,
         regs_di: byte_offset(btf, "pt_regs", "di")?,
+        regs_ax: byte_offset(btf, "pt_regs", "ax")?,
+        _pad2: 0,
         req_op_mask: (1u32 << op_bits) - 1,
         req_op_read: enum_value(btf, "req_op", "REQ_OP_READ")?,
         req_op_write: enum_value(btf, "req_op", "REQ_OP_WRITE")?,
@@ -220,6 +222,7 @@ mod tests {
         assert!(o.rq_q != o.rq_cmd_flags);
         // x86-64 pt_regs: di is the 15th, orig_ax the 16th 8-byte slot (arch/x86 ptrace ABI).
         assert_eq!((o.regs_di, o.regs_orig_ax), (112, 120));
+        assert_eq!(o.regs_ax, 80);
         // The block layer's operations (include/linux/blk_types.h).
         assert_eq!(
             (
