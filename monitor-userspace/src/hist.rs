@@ -57,10 +57,11 @@ impl Log2Hist {
         Some(slot_upper_seconds(HIST_SLOTS - 1))
     }
 
-    /// Cumulative Prometheus buckets `(le seconds, count)` for every slot; `+Inf` is the total.
+    /// Cumulative Prometheus buckets `(le seconds, count)` for every slot but the last, which
+    /// also holds everything longer than its bound and so belongs to `+Inf` (the total) only.
     pub fn cumulative_buckets(&self) -> Vec<(f64, u64)> {
         let mut acc = 0;
-        self.counts
+        self.counts[..HIST_SLOTS - 1]
             .iter()
             .enumerate()
             .map(|(i, &c)| {
@@ -102,6 +103,17 @@ pub fn fmt_bytes(b: u64) -> String {
 mod tests {
     use super::*;
     use monitor_common::hist_slot;
+
+    #[test]
+    fn the_overflow_slot_is_only_in_inf() {
+        let mut h = super::Log2Hist::default();
+        h.add_slot(0, 1);
+        h.add_slot(monitor_common::HIST_SLOTS - 1, 2); // 36 minutes and longer
+        let b = h.cumulative_buckets();
+        assert_eq!(b.len(), monitor_common::HIST_SLOTS - 1);
+        assert_eq!(b.last().unwrap().1, 1);
+        assert_eq!(h.total(), 3);
+    }
 
     #[test]
     fn quantiles_fall_in_the_right_bucket() {

@@ -1,5 +1,5 @@
 //! The rules that find a job's feeders and give every process its role (pure functions over a
-//! view of the job's process tree; see docs/method.md "Roles").
+//! view of the job's process tree; see docs/method.md "Jobs, ranks and roles").
 //!
 //! 1. A process holding a compute context on a GPU (NVML's process lists) is that GPU's feeder
 //!    (the topmost one, when a process and its descendants hold contexts on the same GPU).

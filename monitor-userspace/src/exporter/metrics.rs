@@ -207,7 +207,7 @@ pub fn families(v: &View) -> Vec<MetricFamily> {
     );
     let mut job_bytes = Family::new(
         "stallmon_block_io_job_bytes_total",
-        "Bytes of block requests submitted by traced jobs' processes (all jobs), by role of the submitter.",
+        "Bytes of block requests submitted by traced jobs' feeders and workers (all jobs), by role of the submitter.",
         MetricType::COUNTER,
     );
     for ((dev, op), b) in &v.block {
