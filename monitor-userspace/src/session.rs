@@ -325,6 +325,12 @@ impl Session {
         {
             return;
         }
+        if !sock.exists() {
+            // Not a Kubernetes node (or not mounted yet): look again later, quietly.
+            self.pods_at = Some((now, true));
+            self.pods.clear();
+            return;
+        }
         self.pods_at = Some((now, false));
         match crate::podresources::list_gpu_owners_blocking(sock, Duration::from_secs(2)) {
             Ok(owners) => {

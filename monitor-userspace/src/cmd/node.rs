@@ -74,10 +74,8 @@ pub fn run(args: NodeArgs) -> Result<i32> {
             Err(why) => tracing::warn!("{why}"),
             Ok(_) => {}
         }
-        let pod_resources = args
-            .pod_resources_socket
-            .exists()
-            .then(|| args.pod_resources_socket.clone());
+        // Asked whenever it exists (a kubelet may start, or the mount appear, after stallmon).
+        let pod_resources = Some(args.pod_resources_socket.clone());
         let mut session = Session::new(Parts {
             settings: Settings {
                 mode: "node",
