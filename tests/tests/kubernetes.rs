@@ -312,8 +312,8 @@ fn the_validator_rejects_broken_manifests() {
         ),
         (
             "crd-bad-enum",
-            "      path: /metrics\n      interval",
-            "      scheme: ftp\n      interval",
+            "      path: /metrics\n",
+            "      path: /metrics\n      scheme: ftp\n",
         ),
     ];
     let mut files = Vec::new();

@@ -666,7 +666,8 @@ fn labels_exposition() -> String {
     let mut s = String::from("# stallmon exposition with extra labels (tests/tests/zabbix.rs)\n");
     let job = r#"job_name="ddp-7""#;
     let mut line = |name: &str, labels: &str, v: f64| {
-        s.push_str(&format!("{name}{{{job},{labels}}} {v}\n"));
+        let sep = if labels.is_empty() { "" } else { "," };
+        s.push_str(&format!("{name}{{{job}{sep}{labels}}} {v}\n"));
     };
     for (g, gpu) in ["0", "1"].iter().enumerate() {
         for (c, container) in ["trainer", "sidecar"].iter().enumerate() {
@@ -707,14 +708,23 @@ fn labels_exposition() -> String {
     for rank in ["0", "1"] {
         let r: f64 = rank.parse().unwrap();
         let rl = format!(r#"rank="{rank}""#);
-        line("stallmon_target_up", &rl, 1.0 - r);
+        if r == 0.0 {
+            // Job-wide: no rank label.
+            line("stallmon_target_up", "", 1.0);
+        }
         for (role, n) in [("feeder", 1.0 - r), ("worker", 4.0 - r)] {
             line(
                 "stallmon_tracked_processes",
                 &format!(r#"{rl},role="{role}""#),
                 n,
             );
-            for state in ["on_cpu", "storage_wait", "ipc_wait", "other_wait"] {
+            for state in [
+                "on_cpu",
+                "cpu_wait",
+                "storage_wait",
+                "ipc_wait",
+                "other_wait",
+            ] {
                 line(
                     "stallmon_task_state_seconds_total",
                     &format!(r#"{rl},role="{role}",state="{state}""#),
@@ -731,7 +741,7 @@ fn labels_exposition() -> String {
     }
     line(
         "stallmon_dropped_events_total",
-        r#"reason="feeder_ringbuf_full""#,
+        r#"reason="ringbuf_full""#,
         0.0,
     );
     line(
@@ -873,11 +883,19 @@ fn labels_expectations(text: &str) -> Vec<(&'static str, f64)> {
         ),
         (
             "stallmon.rank.target_up[0]",
-            v(gauge("stallmon_target_up", &[r#"rank="0""#], Agg::Max)),
+            v(gauge(
+                "stallmon_tracked_processes",
+                &[r#"rank="0""#, r#"role="feeder""#],
+                Agg::Max,
+            )),
         ),
         (
             "stallmon.rank.target_up[1]",
-            v(gauge("stallmon_target_up", &[r#"rank="1""#], Agg::Max)),
+            v(gauge(
+                "stallmon_tracked_processes",
+                &[r#"rank="1""#, r#"role="feeder""#],
+                Agg::Max,
+            )),
         ),
         (
             "stallmon.rank.tracked_processes[1,worker]",
