@@ -494,7 +494,7 @@ const WITHOUT_JOB_LABELS: &[&str] = &[
 /// Job series without a `rank` label; every other job or per-GPU series has one.
 const WITHOUT_RANK: &[&str] = &["stallmon_target_up"];
 
-/// Series only `stallmon trace --syscalls` exports.
+/// Series only `--syscalls` (trace or node) exports.
 const SYSCALLS_ONLY: &[&str] = &["stallmon_read_latency_seconds", "stallmon_read_bytes_total"];
 
 /// The family a series belongs to (a histogram's `_bucket`, `_sum`, `_count` removed).
@@ -645,7 +645,7 @@ fn dashboard_is_well_formed() {
                 );
             }
         }
-        // A query that needs `stallmon trace --syscalls` is never a panel's only one.
+        // A query that needs `--syscalls` is never a panel's only one.
         let syscalls_only = |t: &serde_json::Value| {
             let sels = selectors(t["expr"].as_str().unwrap_or(""));
             sels.iter().all(|(m, _)| SYSCALLS_ONLY.contains(&family(m)))
@@ -969,9 +969,14 @@ fn zabbix_template_is_consistent() {
         rule_sources.contains(&"stallmon_block_io_requests_total"),
         "{rule_sources:?}"
     );
+    // Ranks are discovered from a series that has a rank label (stallmon_target_up has none).
     assert!(
-        rule_sources.contains(&"stallmon_target_up"),
+        rule_sources.contains(&"stallmon_tracked_processes"),
         "no rank discovery: {rule_sources:?}"
+    );
+    assert!(
+        !rule_sources.iter().any(|s| WITHOUT_RANK.contains(s)),
+        "a discovery rule reads ranks from a series without them: {rule_sources:?}"
     );
     // Each rule turns the series into one row per discovered value (JavaScript step), so that
     // series differing only in labels it does not use give one row, not duplicate keys.
@@ -1371,7 +1376,10 @@ fn kubernetes_manifests() {
         );
     }
     for label in ["instance", "job"] {
-        assert!(!drops.iter().any(|re| re.is_match(label)), "{label} dropped");
+        assert!(
+            !drops.iter().any(|re| re.is_match(label)),
+            "{label} dropped"
+        );
     }
 }
 
@@ -1402,4 +1410,34 @@ fn operator_guide_covers_every_alert() {
             "operator-guide.md does not mention {needle}"
         );
     }
+}
+
+// ------------------------------------------------------------------ metrics reference
+
+/// docs/metrics.md lists every family stallmon exports (each as `` `name` ``), and names no
+/// stallmon series that does not exist (recording-rule names, `level:metric:operations`, aside).
+#[test]
+fn metrics_reference_lists_every_family() {
+    let path = integrations_dir().join("../metrics.md");
+    let doc = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let missing: Vec<&str> = prom::STALLMON_METRICS
+        .iter()
+        .copied()
+        .filter(|name| !doc.contains(&format!("`{name}`")))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "metrics.md does not list these families (as `name`): {missing:?}"
+    );
+    let unknown: BTreeSet<&str> = doc
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .map(|t| t.trim_end_matches(':'))
+        .filter(|t| t.starts_with("stallmon_") && !t.contains(':'))
+        .filter(|t| !is_stallmon_series(t))
+        .collect();
+    assert!(
+        unknown.is_empty(),
+        "metrics.md names series stallmon does not export: {unknown:?}"
+    );
 }
