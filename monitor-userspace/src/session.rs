@@ -208,6 +208,20 @@ impl Session {
                     });
                     self.emit(line);
                 }
+                Change::Relabeled(job) => {
+                    if let Some(j) = self.jobs.get(job) {
+                        tracing::info!(job = %j.labels.job_name, hpc_job = %j.labels.hpc_job, "job named by its ranks' environment");
+                        let line = Line::Job(JobLine {
+                            job,
+                            labels: j.labels.clone(),
+                            root_pid: j.root,
+                            command: j.command.clone(),
+                        });
+                        if self.announced_jobs.contains(&job) {
+                            self.emit(line);
+                        }
+                    }
+                }
                 Change::Ended(job) => {
                     if let Some(j) = self.jobs.get(job) {
                         tracing::info!(job = %j.labels.job_name, "job ended: every process exited");

@@ -108,7 +108,11 @@ pub fn run(args: TraceArgs) -> Result<i32> {
         feeder_tid: args.feeder_tid,
         forget_after: Duration::MAX,
     });
+    let name_open = args.job_name.is_none() && env.elastic_run_id.is_none();
     let tracked = jobs.add_job(&mut kernel, pid, labels, command, None);
+    if name_open && let Ok(id) = tracked {
+        jobs.open_name(id);
+    }
     let job = match tracked {
         Ok(j) => j,
         Err(e) => {

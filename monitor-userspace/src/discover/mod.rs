@@ -74,6 +74,11 @@ pub struct Job {
     pub ranks: BTreeMap<String, RankEntry>,
     /// When every process of the job had exited.
     pub ended: Option<Instant>,
+    /// The job's name is its command's (nothing named it): a rank's environment may still
+    /// (torchrun and srun give the run or job id to the ranks, not to themselves).
+    pub name_open: bool,
+    /// A feeder was once chosen from rank variables or a GPU context.
+    ranked: bool,
     dirty: bool,
 }
 
@@ -118,6 +123,8 @@ pub enum Change {
     Feeder { job: u32, rank: String, slot: u32 },
     /// A rank could not get a slot (more ranks than `--max-ranks`).
     NoSlot { job: u32, rank: String },
+    /// The job's labels changed (a rank's environment named it).
+    Relabeled(u32),
     /// Every process of the job exited.
     Ended(u32),
     /// An ended job was forgotten (its series go).
@@ -205,11 +212,20 @@ impl Jobs {
                 procs: BTreeMap::new(),
                 ranks: BTreeMap::new(),
                 ended: None,
+                name_open: false,
+                ranked: false,
                 dirty: true,
             },
         );
         self.adopt(kernel, id, root)?;
         Ok(id)
+    }
+
+    /// Lets the environment of `job`'s ranks name it (its labels came from its command only).
+    pub fn open_name(&mut self, job: u32) {
+        if let Some(j) = self.jobs.get_mut(&job) {
+            j.name_open = true;
+        }
     }
 
     /// Tracks `root` and its live descendants as processes of `job` (launchers until the next
@@ -436,7 +452,11 @@ impl Jobs {
             procs: &views,
             gpu_holders: holders,
             pinned,
+            ranked: j.ranked,
         });
+        if a.feeders.iter().any(|f| !f.fallback) {
+            j.ranked = true;
+        }
 
         let mut changes = Vec::new();
         // Slots for new ranks.
@@ -470,6 +490,25 @@ impl Jobs {
                     history: Vec::new(),
                 },
             );
+        }
+        // A rank's environment names a job that nothing else named.
+        if j.name_open
+            && let Some(env) = a
+                .feeders
+                .iter()
+                .filter_map(|f| j.procs.get(&f.pid)?.env.as_ref())
+                .find(|e| e.elastic_run_id.is_some() || e.slurm_job_id.is_some())
+        {
+            if let Some(run) = &env.elastic_run_id {
+                j.labels.job_name = run.clone();
+            }
+            if j.labels.hpc_job.is_empty()
+                && let Some(id) = &env.slurm_job_id
+            {
+                j.labels.hpc_job = id.clone();
+            }
+            j.name_open = false;
+            changes.push(Change::Relabeled(id));
         }
         // Feeders.
         let chosen: BTreeMap<&str, &roles::FeederChoice> =

@@ -130,7 +130,11 @@ impl NodeDiscovery {
                     let command = procfs::cmdline(c.root)
                         .map(|c| vec![identity::sanitize(&c)])
                         .unwrap_or_default();
+                    let name_open = env.elastic_run_id.is_none();
                     let id = jobs.add_job(kernel, c.root, labels, command, c.key.clone())?;
+                    if name_open {
+                        jobs.open_name(id);
+                    }
                     tracing::info!(job = %jobs.get(id).map(|j| j.labels.job_name.clone()).unwrap_or_default(), root = c.root, "found a job");
                     new_jobs.push(id);
                 }

@@ -7,8 +7,9 @@
 //!    variables (`RANK`, `SLURM_PROCID`, ...) is that rank's feeder; its DataLoader workers
 //!    inherit the variables and stay workers. A feeder that merely waits for its only child (a
 //!    shell running `python train.py; ...`) hands the role to that child.
-//! 3. Without either: the nearest process at or below the job's root that is not merely waiting
-//!    for its only child.
+//! 3. Without either, and only for a job that never had either: the nearest process at or below
+//!    the job's root that is not merely waiting for its only child. (A job whose ranks have exited
+//!    has no feeder: its launcher, still winding down, does not become one.)
 //!
 //! Workers are the descendants of a feeder; every other process of the job is a launcher.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -36,6 +37,8 @@ pub struct FeederChoice {
     /// GPUs it holds contexts on.
     pub gpus: Vec<u32>,
     pub why: String,
+    /// Chosen by rule 3 (no rank variables, no GPU context anywhere in the job).
+    pub fallback: bool,
 }
 
 /// A process's role: feeder or worker of a rank (by label), or launcher.
@@ -59,6 +62,8 @@ pub struct Inputs<'a> {
     pub procs: &'a BTreeMap<u32, ProcView>,
     pub gpu_holders: &'a [(u32, u32)],
     pub pinned: Option<u32>,
+    /// The job has had a feeder by rule 1 or 2: rule 3 no longer applies.
+    pub ranked: bool,
 }
 
 const MAX_DEPTH: usize = 64;
@@ -143,6 +148,7 @@ pub fn assign(inp: &Inputs) -> Assignment {
                 pid,
                 gpus: Vec::new(),
                 why: "named with --feeder-tid".into(),
+                fallback: false,
             },
         );
     } else {
@@ -175,6 +181,7 @@ pub fn assign(inp: &Inputs) -> Assignment {
                         "topmost process with {source}={label} in its environment{}",
                         wrapper_note(hops, &tree, pid)
                     ),
+                    fallback: false,
                 },
             );
         }
@@ -219,6 +226,7 @@ pub fn assign(inp: &Inputs) -> Assignment {
                 pid: holder,
                 gpus: Vec::new(),
                 why: why.clone(),
+                fallback: false,
             });
             if f.pid != holder && !f.why.starts_with("holds a compute context") {
                 f.pid = holder;
@@ -233,8 +241,8 @@ pub fn assign(inp: &Inputs) -> Assignment {
             }
         }
 
-        // Rule 3: no rank variables, no contexts.
-        if feeders.is_empty() && inp.procs.contains_key(&inp.root) {
+        // Rule 3: no rank variables, no contexts, never had any.
+        if feeders.is_empty() && !inp.ranked && inp.procs.contains_key(&inp.root) {
             let (pid, hops) = tree.through_wrappers(inp.root, false);
             feeders.insert(
                 "0".into(),
@@ -251,6 +259,7 @@ pub fn assign(inp: &Inputs) -> Assignment {
                             wrapper_note(hops, &tree, inp.root)
                         )
                     },
+                    fallback: true,
                 },
             );
         }
@@ -315,7 +324,27 @@ mod tests {
             procs: &procs,
             gpu_holders: gpus,
             pinned: None,
+            ranked: false,
         })
+    }
+
+    #[test]
+    fn a_launcher_left_alone_by_its_ranks_does_not_feed() {
+        // torchrun (10) whose rank processes have exited: no feeder once the job had ranks.
+        let procs: BTreeMap<u32, ProcView> = [(10, p(1, "torchrun"))].into_iter().collect();
+        let inputs = |ranked| Inputs {
+            root: 10,
+            procs: &procs,
+            gpu_holders: &[],
+            pinned: None,
+            ranked,
+        };
+        assert!(assign(&inputs(true)).feeders.is_empty());
+        assert_eq!(assign(&inputs(true)).roles[&10], Role::Launcher);
+        // A job that never had ranks: its root feeds (a plain `python train.py`).
+        let a = assign(&inputs(false));
+        assert_eq!(feeders(&a), [("0".to_string(), 10)]);
+        assert!(a.feeders[0].fallback);
     }
 
     fn feeders(a: &Assignment) -> Vec<(String, u32)> {
@@ -448,6 +477,7 @@ mod tests {
             procs: &procs,
             gpu_holders: &[(0, 10)],
             pinned: Some(11),
+            ranked: false,
         });
         assert_eq!(feeders(&a), [("0".to_string(), 11)]);
         assert_eq!(a.roles[&10], Role::Launcher);
