@@ -95,8 +95,9 @@ pub fn spawn_gated(argv: &[OsString]) -> Result<Gated> {
     let (read_end, write_end) =
         unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
     let read_fd = read_end.as_raw_fd();
-    let exe = std::env::current_exe().context("locating the stallmon binary")?;
-    let mut cmd = Command::new(exe);
+    // Our own executable by its /proc link, which works even when the file was replaced or
+    // removed since we started (a package upgrade): current_exe() would name a deleted path.
+    let mut cmd = Command::new("/proc/self/exe");
     cmd.arg(GATE_SUBCOMMAND)
         .arg(read_fd.to_string())
         .arg(&resolved)
