@@ -146,7 +146,7 @@ pub struct CommonArgs {
     pub ready_file: Option<PathBuf>,
     /// Also trace every read-family syscall for exact per-call latency and bytes by fd kind.
     /// COST: attaches syscall tracepoints, which slow every syscall of every process on the
-    /// machine (about +25% on a syscall-bound loop that is not even traced; see
+    /// machine (+16% on a syscall-bound loop that is not even traced, +64% on a traced one; see
     /// docs/benchmarks.md). The default mode measures read stalls at the context switch instead.
     #[arg(long, env = "STALLMON_SYSCALLS")]
     pub syscalls: bool,
