@@ -62,6 +62,43 @@ pub fn outputs(name: &str) -> Outputs {
     o
 }
 
+/// trainloop.py as the operations tests run it (alerting, Zabbix): 4 workers, 4 files per
+/// batch, 1 ms of CPU per file, 60 ms GPU steps on stand-in GPU 0 of `gpus`, for `seconds`;
+/// `uncached`: every file evicted after reading (storage-bound under a throttle).
+pub fn operations_job(
+    data: &Path,
+    gpus: &StandinGpus,
+    seconds: u32,
+    uncached: bool,
+) -> Vec<String> {
+    let mut v: Vec<String> = vec![
+        python().display().to_string(),
+        workload("trainloop.py").display().to_string(),
+        "--data".into(),
+        data.display().to_string(),
+        "--files".into(),
+        DATA_FILES.into(),
+        "--file-kib".into(),
+        FILE_KIB.into(),
+        "--workers".into(),
+        "4".into(),
+        "--batch-files".into(),
+        "4".into(),
+        "--cpu-ms".into(),
+        "1".into(),
+        "--gpu-ms".into(),
+        "60".into(),
+        "--seconds".into(),
+        seconds.to_string(),
+        "--gpu-dir".into(),
+        gpus.path().display().to_string(),
+    ];
+    if uncached {
+        v.push("--uncached".into());
+    }
+    v
+}
+
 /// The trainloop.py command line.
 pub fn trainloop_argv(data: &Path, out: &Outputs, args: &[&str]) -> Vec<String> {
     let mut v = vec![

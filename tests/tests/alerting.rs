@@ -32,7 +32,7 @@ use tests::{
         alertmanager_binary, missing_tool, rules_for_tests,
     },
     gpu::StandinGpus,
-    prom, python, require_privileged, scratch_dir, workload,
+    prom, python, require_privileged, scratch_dir,
 };
 
 /// The storage-stall alert.
@@ -49,8 +49,6 @@ const TIMING: RuleTiming = RuleTiming {
 };
 /// From Prometheus's start to the alert at the webhook, at most.
 const DELIVERY_DEADLINE: Duration = Duration::from_secs(150);
-const DATA_FILES: &str = "200";
-const FILE_KIB: &str = "256";
 
 fn prometheus_dir() -> PathBuf {
     tests::repo_root().join("docs/integrations/prometheus")
@@ -94,50 +92,15 @@ fn guide_anchors() -> Vec<String> {
 /// stallmon reads as its simulated GPU), traced by `stallmon trace --simulate-gpu FILE
 /// --job-name NAME -- CMD` with metrics on a free loopback port.
 ///
-/// Today that is `stallmon trace --simulate-gpu` (see tests/tests/attribution.rs, `run_scenario`,
-/// and tests/tests/operations.rs); when `--simulate-gpu` is replaced, only this function changes.
-/// It must return a [`StorageBoundJob`] whose metrics address serves stallmon's metrics for the
+/// stallmon traces it with the stand-in NVML library (one simulated GPU). It must return a [`StorageBoundJob`] whose metrics address serves stallmon's metrics for the
 /// job, labelled `job_name="<job_name>"`, with GPU "0" mostly idle for cause "io".
 fn start_stallmon_on_storage_bound_job(job_name: &str) -> StorageBoundJob {
-    let dir = scratch_dir("alerting");
-    let data = scratch_dir("alerting-data");
-    let status = Command::new(python())
-        .arg(workload("trainloop.py"))
-        .args(["--prepare", "--uncached", "--data"])
-        .arg(&data)
-        .args(["--files", DATA_FILES, "--file-kib", FILE_KIB])
-        .status()
-        .expect("running trainloop.py --prepare");
-    assert!(status.success(), "preparing the dataset: {status}");
-    let _ = dir;
+    let data = tests::scenario::dataset(false);
     let gpus = StandinGpus::new("alerting", 1, 100, 200);
     let slow =
         SlowDisk::new("stallmon-alerting", &data, 4 << 20).expect("creating the blkio cgroup");
-    let job: Vec<String> = [
-        python().display().to_string(),
-        workload("trainloop.py").display().to_string(),
-        "--data".into(),
-        data.display().to_string(),
-        "--files".into(),
-        DATA_FILES.into(),
-        "--file-kib".into(),
-        FILE_KIB.into(),
-        "--workers".into(),
-        "4".into(),
-        "--batch-files".into(),
-        "4".into(),
-        "--cpu-ms".into(),
-        "1".into(),
-        "--gpu-ms".into(),
-        "60".into(),
-        "--uncached".into(),
-        // Outlives the test's deadline; the guard ends it as soon as the alert has arrived.
-        "--seconds".into(),
-        "300".into(),
-        "--gpu-dir".into(),
-        gpus.path().display().to_string(),
-    ]
-    .into();
+    // Outlives the test's deadline; the guard ends it as soon as the alert has arrived.
+    let job = tests::scenario::operations_job(&data, &gpus, 300, true);
     let mut args: Vec<String> = vec!["--interval".into(), "500ms".into()];
     args.extend(gpus.args());
     args.extend(["--job-name".into(), job_name.into(), "--".into()]);

@@ -44,7 +44,6 @@ use std::{
     collections::BTreeMap,
     net::{SocketAddr, TcpListener},
     path::PathBuf,
-    process::Command,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
@@ -57,12 +56,10 @@ use serde_json::Value;
 use tests::{
     Finished, SlowDisk, Tracer, disk_name_of,
     gpu::StandinGpus,
-    prom, python, require_privileged, scratch_dir, workload,
+    prom, require_privileged,
     zabbix::{self, HistoryValue, Zabbix},
 };
 
-const DATA_FILES: &str = "200";
-const FILE_KIB: &str = "256";
 /// Read throttle of the storage-bound job (as tests/tests/attribution.rs).
 const THROTTLE_BPS: u64 = 4 << 20;
 /// Training time of each job (seconds). The storage run must outlast the trigger window plus
@@ -101,31 +98,9 @@ fn start_traced_job(job: Job, seconds: u32) -> TracedJob {
     let data = dataset(job);
     // The simulated GPU: the stand-in NVML library, driven by the job's own GPU steps.
     let gpus = StandinGpus::new(&format!("zabbix-{job:?}"), 1, 100, 200);
-    let mut argv: Vec<String> = vec![
-        python().display().to_string(),
-        workload("trainloop.py").display().to_string(),
-        "--data".into(),
-        data.display().to_string(),
-        "--files".into(),
-        DATA_FILES.into(),
-        "--file-kib".into(),
-        FILE_KIB.into(),
-        "--workers".into(),
-        "4".into(),
-        "--batch-files".into(),
-        "4".into(),
-        "--cpu-ms".into(),
-        "1".into(),
-        "--gpu-ms".into(),
-        "60".into(),
-        "--seconds".into(),
-        seconds.to_string(),
-        "--gpu-dir".into(),
-        gpus.path().display().to_string(),
-    ];
+    let mut argv = tests::scenario::operations_job(&data, &gpus, seconds, job == Job::StorageBound);
     let slow = match job {
         Job::StorageBound => {
-            argv.push("--uncached".into());
             let slow = SlowDisk::new("stallmon-zabbix", &data, THROTTLE_BPS)
                 .expect("creating the blkio cgroup");
             argv = slow.wrap(&argv);
@@ -200,28 +175,10 @@ impl Drop for TracedJob {
     }
 }
 
-/// The dataset (200 files of 256 KiB), created outside any trace; evicted from the page cache for
-/// the storage-bound job, read once into it for the cached one.
+/// The dataset, evicted from the page cache for the storage-bound job, read once into it for
+/// the cached one.
 fn dataset(job: Job) -> PathBuf {
-    let dir = scratch_dir("zabbix-data");
-    let status = Command::new(python())
-        .arg(workload("trainloop.py"))
-        .args(["--prepare", "--data"])
-        .arg(&dir)
-        .args(["--files", DATA_FILES, "--file-kib", FILE_KIB])
-        .args((job == Job::StorageBound).then_some("--uncached"))
-        .status()
-        .expect("running trainloop.py --prepare");
-    assert!(status.success(), "preparing the dataset failed: {status}");
-    if job == Job::Cached {
-        for e in std::fs::read_dir(&dir).unwrap() {
-            let p = e.unwrap().path();
-            if p.extension().is_some_and(|x| x == "bin") {
-                std::fs::read(&p).unwrap();
-            }
-        }
-    }
-    dir
+    tests::scenario::dataset(job == Job::Cached)
 }
 
 fn unix_now() -> f64 {

@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import time
+from publish import publish  # noqa: E402
 
 
 def make_dataset(path, files, kib):
@@ -71,18 +72,6 @@ def start_gpu(gpu_dir):
     threading.Thread(target=steps, daemon=True).start()
 
 
-
-def publish(path, text):
-    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
-    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w") as f:
-            f.write(text)
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
 
 def main():
     ap = argparse.ArgumentParser()

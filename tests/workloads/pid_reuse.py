@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import time
+from publish import publish  # noqa: E402
 
 
 def read_file(path, total):
@@ -24,18 +25,6 @@ def read_file(path, total):
     return got
 
 
-
-def publish(path, text):
-    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
-    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w") as f:
-            f.write(text)
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
 
 def main():
     ap = argparse.ArgumentParser()

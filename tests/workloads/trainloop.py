@@ -85,6 +85,7 @@ import json  # noqa: E402
 import multiprocessing as mp  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
+from publish import publish  # noqa: E402
 
 CAUSES = ("io", "preprocess", "host", "other")
 
@@ -378,18 +379,6 @@ def gpu_step(truth, gpu, gpu_ms):
     gpu.step(start, end)  # host work after the step, closed by the next segment
 
 
-
-def publish(path, text):
-    """Writes `text` to `path` atomically (a temporary file renamed over it), unless `path` is
-    not a regular file (/dev/null, a FIFO): then it is written in place, never replaced."""
-    if os.path.exists(path) and not os.path.isfile(path):
-        with open(path, "w") as f:
-            f.write(text)
-        return
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.rename(tmp, path)
 
 def main(argv):
     args = parse_args(argv)

@@ -18,11 +18,55 @@ use tokio::{
 };
 
 use crate::{
+    cli::{BlockIssueTime, CommonArgs},
     console,
     exporter::{http, metrics},
+    kernel::LoadOptions,
+    preflight, record,
     schema::{ready::Ready, summary::Summary},
     session::{FINE_TICK, Session},
 };
+
+/// The host checks both commands make first: settings worth a warning, privileges, BTF, tracefs.
+pub fn check_host(c: &CommonArgs) -> Result<()> {
+    for w in c.warnings() {
+        tracing::warn!("{w}");
+    }
+    preflight::privileges()?;
+    preflight::btf()?;
+    preflight::tracefs(true)?;
+    Ok(())
+}
+
+/// What both commands open before anything is loaded or started, so that a bad path or a
+/// busy port fails first: the record file, the ready file's directory, the listening socket.
+pub struct Outputs {
+    pub recorder: Option<record::Recorder>,
+    pub listener: std::net::TcpListener,
+}
+
+pub fn open_outputs(c: &CommonArgs) -> Result<Outputs> {
+    let recorder = match &c.record {
+        Some(p) => Some(record::Recorder::new(record::open(p, c.record_append)?, p)),
+        None => None,
+    };
+    if let Some(p) = &c.ready_file {
+        check_ready_path(p)?;
+    }
+    Ok(Outputs {
+        recorder,
+        listener: http::bind(c.listen)?,
+    })
+}
+
+/// The kernel programs' options from the flags.
+pub fn load_options(c: &CommonArgs) -> LoadOptions {
+    LoadOptions {
+        syscalls: c.syscalls,
+        slots: c.max_ranks,
+        probe_issue_time: c.block_issue_time == BlockIssueTime::Probe,
+    }
+}
 
 /// Writes the ready file atomically (a new private file renamed over the path: a link planted
 /// at the path is replaced, never followed).

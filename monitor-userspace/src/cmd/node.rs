@@ -5,14 +5,16 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use super::{Endpoint, Stop, check_ready_path, print_summary, run_loop, trace::hostname};
+use super::{
+    Endpoint, Outputs, Stop, check_host, load_options, open_outputs, print_summary, run_loop,
+    trace::hostname,
+};
 use crate::{
     cli::{GpuChoice, NodeArgs},
     discover::{DiscoverConfig, Jobs, node::NodeDiscovery},
-    exporter::http,
     gpu::{INIT_TIMEOUT, Sampler},
-    kernel::{Kernel, LoadOptions},
-    preflight, privileges, record,
+    kernel::Kernel,
+    privileges,
     schema::ready::Ready,
     session::{Parts, Session, Settings},
 };
@@ -22,25 +24,9 @@ const MATCH_SCAN: Duration = Duration::from_secs(1);
 
 pub fn run(args: NodeArgs) -> Result<i32> {
     let c = &args.common;
-    for w in c.warnings() {
-        tracing::warn!("{w}");
-    }
-    preflight::privileges()?;
-    preflight::btf()?;
-    preflight::tracefs(true)?;
-    let recorder_file = match &c.record {
-        Some(p) => Some((record::open(p, c.record_append)?, p.clone())),
-        None => None,
-    };
-    if let Some(p) = &c.ready_file {
-        check_ready_path(p)?;
-    }
-    let listener = http::bind(c.listen)?;
-    let kernel = Kernel::load(LoadOptions {
-        syscalls: c.syscalls,
-        slots: c.max_ranks,
-        probe_issue_time: c.block_issue_time == crate::cli::BlockIssueTime::Probe,
-    })?;
+    check_host(c)?;
+    let Outputs { recorder, listener } = open_outputs(c)?;
+    let kernel = Kernel::load(load_options(c))?;
     let jobs = Jobs::new(DiscoverConfig {
         max_slots: c.max_ranks,
         feeder_tid: None,
@@ -90,7 +76,7 @@ pub fn run(args: NodeArgs) -> Result<i32> {
             jobs,
             node: Some(discovery),
             sampler,
-            recorder: recorder_file.map(|(f, p)| record::Recorder::new(f, &p)),
+            recorder,
             view: endpoint.view.clone(),
             health: endpoint.health.clone(),
         });

@@ -3,14 +3,15 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
 
-use super::{Endpoint, Stop, check_ready_path, print_summary, run_loop};
+use super::{
+    Endpoint, Outputs, Stop, check_host, load_options, open_outputs, print_summary, run_loop,
+};
 use crate::{
     cli::{GpuChoice, TraceArgs},
     discover::{DiscoverConfig, Jobs, identity, procfs},
-    exporter::http,
     gpu::{INIT_TIMEOUT, Sampler},
-    kernel::{Kernel, LoadOptions},
-    preflight, privileges, record,
+    kernel::Kernel,
+    privileges,
     schema::ready::Ready,
     session::{Parts, Session, Settings},
     target::{self, Gated},
@@ -37,12 +38,7 @@ impl Target {
 /// must happen while the process is single-threaded).
 pub fn run(args: TraceArgs) -> Result<i32> {
     let c = &args.common;
-    for w in c.warnings() {
-        tracing::warn!("{w}");
-    }
-    preflight::privileges()?;
-    preflight::btf()?;
-    preflight::tracefs(true)?;
+    check_host(c)?;
     let attach = match args.pid {
         Some(pid) => {
             let (tgid, note) = target::check_pid(pid)?;
@@ -59,22 +55,11 @@ pub fn run(args: TraceArgs) -> Result<i32> {
     if let Some(tid) = args.feeder_tid {
         procfs::tgid_of(tid).ok_or_else(|| anyhow!("--feeder-tid {tid}: no such thread"))?;
     }
-    let recorder_file = match &c.record {
-        Some(p) => Some((record::open(p, c.record_append)?, p.clone())),
-        None => None,
-    };
-    if let Some(p) = &c.ready_file {
-        check_ready_path(p)?;
-    }
-    let listener = http::bind(c.listen)?;
+    let Outputs { recorder, listener } = open_outputs(c)?;
 
     // Load and attach before the target is tracked, track before scanning for descendants: a
     // fork at any moment is then either seen by the kernel or found by the scan.
-    let mut kernel = Kernel::load(LoadOptions {
-        syscalls: c.syscalls,
-        slots: c.max_ranks,
-        probe_issue_time: c.block_issue_time == crate::cli::BlockIssueTime::Probe,
-    })?;
+    let mut kernel = Kernel::load(load_options(c))?;
     let mut target = match attach {
         Some(pid) => Target::Attached(pid),
         None => Target::Started(target::spawn_gated(&args.command)?),
@@ -158,7 +143,6 @@ pub fn run(args: TraceArgs) -> Result<i32> {
     rt.block_on(async move {
         let c = &args.common;
         let endpoint = Endpoint::start(listener, c.interval)?;
-        let recorder = recorder_file.map(|(f, p)| record::Recorder::new(f, &p));
         let mut session = Session::new(Parts {
             settings: Settings {
                 mode: "trace",
