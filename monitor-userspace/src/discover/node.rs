@@ -156,9 +156,11 @@ impl NodeDiscovery {
                 .unwrap_or_default();
             identity::job_key(&env, &cg)
         };
-        // A process that is exiting (NVML may still list its context for a moment) or one
-        // of a job that already ended is not a new job.
-        let me = table.get(&pid).filter(|s| !s.is_gone() && !s.is_kernel_thread())?;
+        // A process that is exiting (NVML may still list its context for a moment) is not a
+        // new job.
+        let me = table
+            .get(&pid)
+            .filter(|s| !s.is_gone() && !s.is_kernel_thread())?;
         let key = facts(pid);
         let uid = procfs::uid(pid);
         let mut root = me;
