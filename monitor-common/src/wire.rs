@@ -223,9 +223,13 @@ pub const EVENT_FEEDER_STATE: u32 = 0;
 pub const EVENT_EXEC: u32 = 1;
 /// A tracked process exited: `tgid`, `slot`.
 pub const EVENT_EXIT: u32 = 2;
+/// A launcher forked a process: `tgid` the child, `tid` the parent process. Launchers fork
+/// rarely; their children may be a rank's process that forks its DataLoader workers at once,
+/// before the next full pass would have found it.
+pub const EVENT_FORK: u32 = 3;
 
-/// One ring-buffer record. Only feeder threads' state changes and job processes' exec/exit go
-/// through the ring buffer: nothing per I/O or per syscall.
+/// One ring-buffer record. Only feeder threads' state changes, job processes' exec/exit and
+/// launchers' forks go through the ring buffer: nothing per I/O or per syscall.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct Event {

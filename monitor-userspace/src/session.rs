@@ -11,15 +11,17 @@ use std::{
     time::{Duration, Instant},
 };
 
+use monitor_common::{EVENT_FEEDER_STATE, Event};
+
 use crate::{
     attribution::{Attribution, AttributorConfig, feed::Feed},
     collector::Collector,
-    discover::{Change, Jobs, identity::PodRef, node::NodeDiscovery},
+    discover::{Change, Jobs, identity::PodRef, node::NodeDiscovery, procfs},
     exporter::{
         http::Health,
         metrics::{AttributedView, GpuView, JobView, SharedView, View},
     },
-    gpu::{GpuReading, Polled, Sampler},
+    gpu::{self, GpuReading, Polled, Sampler},
     interval::{Deltas, sample_open_files},
     kernel::Kernel,
     ledger::Ledger,
@@ -86,6 +88,8 @@ pub struct Session {
     pods_asked: std::collections::HashSet<(u32, u32)>,
     announced_jobs: std::collections::BTreeSet<u32>,
     kernel_processes: u64,
+    /// The state each new feeder thread was in when it was chosen, for the next fine tick.
+    first_states: Vec<Event>,
 }
 
 /// Everything a session is built from.
@@ -130,6 +134,7 @@ impl Session {
             pods_asked: Default::default(),
             announced_jobs: Default::default(),
             kernel_processes: 0,
+            first_states: Vec::new(),
         };
         let header = Line::Header(Header {
             version: VERSION,
@@ -190,6 +195,25 @@ impl Session {
                         continue;
                     };
                     let Some(f) = r.feeder.clone() else { continue };
+                    // The kernel reports a feeder's state changes only: a thread chosen while
+                    // it sleeps (in the pipe read of its first batch, say) says what it waits
+                    // for now, or that time would be unknown (other) until it wakes. Its
+                    // changes after `ts_ns` follow from the kernel, in order.
+                    let earlier = r.history.iter().rev().nth(1);
+                    if earlier.is_none_or(|e| (e.pid, e.tid) != (f.pid, f.tid)) {
+                        let ts_ns = gpu::monotonic_ns();
+                        if let Some(state) = procfs::thread_state(f.pid, f.tid) {
+                            self.first_states.push(Event {
+                                ts_ns,
+                                kind: EVENT_FEEDER_STATE,
+                                slot,
+                                tgid: f.pid,
+                                tid: f.tid,
+                                state,
+                                _pad: 0,
+                            });
+                        }
+                    }
                     tracing::info!(
                         job = %j.labels.job_name,
                         rank = %rank,
@@ -243,12 +267,17 @@ impl Session {
 
     /// The fine tick: new processes' roles, feeder state changes, worker slices.
     pub fn fine_tick(&mut self) {
-        let events = self.kernel.drain_events();
+        let mut events = self.kernel.drain_events();
         self.jobs.observe(&events, None);
         let changes = self.jobs.reassign(&mut self.kernel, &self.holders, false);
         self.apply_changes(changes);
         if self.sampler.is_none() {
+            self.first_states.clear();
             return;
+        }
+        if !self.first_states.is_empty() {
+            events.append(&mut self.first_states);
+            events.sort_by_key(|e| e.ts_ns);
         }
         let slots: Vec<u32> = self.jobs.slots().into_iter().map(|(s, _, _)| s).collect();
         match self.collector.worker_states(&self.kernel, &slots) {

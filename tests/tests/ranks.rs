@@ -17,8 +17,8 @@ use tests::{
     procs::Reaper,
     python, require_privileged,
     scenario::{
-        CAUSES, Figures, TOLERANCE, check_bounds, check_dominant, complete_truth, dataset,
-        gpu_bounds, outputs, table, trainloop_argv,
+        CAUSES, Figures, check_bounds, check_dominant, complete_truth, dataset, gpu_bounds,
+        outputs, table, trainloop_argv,
     },
     scratch_dir, workload,
 };
@@ -37,6 +37,9 @@ const STORAGE: &[&str] = &[
     "--seconds",
     "10",
 ];
+
+/// io's bound for the launcher shapes, as a share of the true idle time.
+const LAUNCHER_TOLERANCE: f64 = 0.04;
 
 fn shell_quote(argv: &[String]) -> String {
     argv.iter()
@@ -138,8 +141,10 @@ fn launcher_shape(name: &str, shape: Shape) {
     let (truth_fig, head, tail) = complete_truth(&truth, gpu_bounds(&out.record, Some(0)));
     println!("{}", table(name, &live, &truth_fig, head, tail));
     check_dominant(name, &live, &truth_fig, 0);
-    // io within 10% of the truth (the rest of the shape's edges go to other).
-    let bound = TOLERANCE * truth_fig.idle_total();
+    // io within 4% of the truth, tighter than the 10% asked: a feeder chosen while it sleeps
+    // in its first batch wait, or workers forked before their parent got its role, cost 6-8%
+    // (io -> other) before they were handled (docs/method.md, "the start behind a launcher").
+    let bound = LAUNCHER_TOLERANCE * truth_fig.idle_total();
     assert!(
         (live.idle[0] - truth_fig.idle[0]).abs() <= bound,
         "{name}: io {:.3} s vs true {:.3} s (bound {bound:.3})",

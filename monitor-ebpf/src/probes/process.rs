@@ -1,6 +1,7 @@
 //! The jobs' process trees, followed live: a tracked process's child is tracked (a feeder's
 //! children become its rank's workers; a worker's or launcher's children keep their parent's
-//! role), new threads get a state entry, exits close the books.
+//! role, and a launcher's new child is told to user space), new threads get a state entry,
+//! exits close the books.
 use aya_ebpf::{
     bindings::{BPF_ANY, BPF_NOEXIST},
     helpers::generated::{bpf_get_current_task_btf, bpf_ktime_get_ns},
@@ -61,6 +62,18 @@ pub fn sched_process_fork(ctx: BtfTracePointContext) -> i32 {
             }
         }
         set_tracked(child_tgid, v);
+        if role == ROLE_LAUNCHER {
+            // User space gives the child its role now, before it forks workers of its own.
+            emit(&Event {
+                ts_ns: now,
+                kind: EVENT_FORK,
+                slot,
+                tgid: child_tgid,
+                tid: tgid,
+                state: 0,
+                _pad: 0,
+            });
+        }
         v
     };
     if accounted(child_value) {

@@ -14,8 +14,8 @@ use std::{
 };
 
 use monitor_common::{
-    EVENT_EXEC, EVENT_EXIT, Event, ProcInfo, ROLE_FEEDER, ROLE_LAUNCHER, ROLE_WORKER, abi,
-    tracked_parts, tracked_value,
+    EVENT_EXEC, EVENT_EXIT, EVENT_FORK, Event, ProcInfo, ROLE_FEEDER, ROLE_LAUNCHER, ROLE_WORKER,
+    abi, tracked_parts, tracked_value,
 };
 
 use crate::{
@@ -272,7 +272,8 @@ impl Jobs {
         }
     }
 
-    /// Takes the kernel's events (exec, exit) and, with `procs`, its full process list.
+    /// Takes the kernel's events (exec, exit, a launcher's fork) and, with `procs`, its full
+    /// process list.
     pub fn observe(&mut self, events: &[Event], procs: Option<&[(u32, ProcInfo)]>) {
         for e in events {
             match e.kind {
@@ -293,6 +294,28 @@ impl Jobs {
                             ProcEntry {
                                 parent,
                                 comm: procfs::stat(e.tgid).map(|s| s.comm).unwrap_or_default(),
+                                start_ns: 0,
+                                value: tracked_value(j.id, ROLE_LAUNCHER),
+                                env: None,
+                                exited: false,
+                            },
+                        );
+                        j.dirty = true;
+                    }
+                }
+                EVENT_FORK => {
+                    // A launcher's new child: given its role at this tick's pass, not the
+                    // next full one (it may fork a rank's DataLoader workers at once).
+                    let (child, parent) = (e.tgid, e.tid);
+                    if self.job_of(child).is_none()
+                        && let Some(j) = self.job_of(parent)
+                    {
+                        let j = self.jobs.get_mut(&j).expect("job exists");
+                        j.procs.insert(
+                            child,
+                            ProcEntry {
+                                parent,
+                                comm: procfs::stat(child).map(|s| s.comm).unwrap_or_default(),
                                 start_ns: 0,
                                 value: tracked_value(j.id, ROLE_LAUNCHER),
                                 env: None,
@@ -624,5 +647,67 @@ impl Jobs {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launcher_job(jobs: &mut Jobs, id: u32, root: u32) {
+        let entry = ProcEntry {
+            parent: 1,
+            comm: "bash".into(),
+            start_ns: 0,
+            value: tracked_value(id, ROLE_LAUNCHER),
+            env: None,
+            exited: false,
+        };
+        jobs.jobs.insert(
+            id,
+            Job {
+                id,
+                labels: JobLabels::default(),
+                root,
+                command: vec!["bash".into()],
+                key: None,
+                procs: BTreeMap::from([(root, entry)]),
+                ranks: BTreeMap::new(),
+                ended: None,
+                name_open: true,
+                ranked: false,
+                dirty: false,
+            },
+        );
+    }
+
+    fn event(kind: u32, tgid: u32, tid: u32) -> Event {
+        Event {
+            kind,
+            tgid,
+            tid,
+            ..Event::default()
+        }
+    }
+
+    /// A launcher's fork is followed at the fine tick that brings its event: the child joins
+    /// its parent's job (and the next pass gives it a role), before any full pass.
+    #[test]
+    fn a_launchers_fork_joins_its_job_at_once() {
+        let mut jobs = Jobs::new(DiscoverConfig {
+            max_slots: 4,
+            feeder_tid: None,
+            forget_after: Duration::from_secs(1),
+        });
+        launcher_job(&mut jobs, 1, 4_000_000);
+        jobs.observe(&[event(EVENT_FORK, 4_000_001, 4_000_000)], None);
+        assert_eq!(jobs.job_of(4_000_001), Some(1));
+        let j = jobs.get(1).unwrap();
+        assert!(j.dirty);
+        assert_eq!(j.procs[&4_000_001].parent, 4_000_000);
+        assert_eq!(j.procs[&4_000_001].value, tracked_value(1, ROLE_LAUNCHER));
+        // A fork by a process of no job is not followed.
+        jobs.observe(&[event(EVENT_FORK, 4_000_003, 4_000_002)], None);
+        assert_eq!(jobs.job_of(4_000_003), None);
     }
 }

@@ -9,6 +9,11 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use monitor_common::{
+    FD_FILE, FD_IPC, FD_OTHER, STATE_IPC_WAIT, STATE_ON_CPU, STATE_OTHER_WAIT, STATE_STORAGE_WAIT,
+    abi,
+};
+
 use crate::schema::record::TaskIo;
 
 /// Largest environment read (bytes); a larger one is read up to this much.
@@ -180,6 +185,80 @@ pub fn blocked_syscall(pid: u32) -> Option<u64> {
     first.parse().ok() // "running" and "-1" (not in a syscall) do not parse as u64
 }
 
+/// What thread `tid` of `pid` is doing now, in `sched_switch`'s terms (`STATE_*`): read from
+/// `/proc/PID/task/TID/{stat,syscall}` and, for a read, the link of the fd it reads. The kernel
+/// tells user space of a feeder's state changes only; a thread that becomes a feeder while it
+/// sleeps (found below a launcher, or by its GPU context) would otherwise be unknown (→ other)
+/// until it wakes. `None` if the thread is gone or its files cannot be read.
+pub fn thread_state(pid: u32, tid: u32) -> Option<u32> {
+    let task = format!("task/{tid}/");
+    let stat = parse_stat(tid, &read_text(pid, &format!("{task}stat"), 4096)?)?;
+    let syscall = read_text(pid, &format!("{task}syscall"), 512)?;
+    Some(classify_thread(stat.state, &syscall, |fd| fd_kind(pid, fd)))
+}
+
+/// The kind (`FD_*`) of `pid`'s descriptor `fd`, from its link text alone: the link is never
+/// followed (a job's file can live on a FUSE mount that does not answer).
+fn fd_kind(pid: u32, fd: u64) -> u32 {
+    let path = root().join(pid.to_string()).join("fd").join(fd.to_string());
+    match std::fs::read_link(path) {
+        Ok(t) => fd_kind_of_link(&t.to_string_lossy()),
+        Err(_) => FD_OTHER,
+    }
+}
+
+/// `pipe:[N]` and `socket:[N]` are IPC; a path is a file, except character devices and the
+/// like under `/dev` (a tmpfs file under `/dev/shm` is a file); `anon_inode:...` is other.
+fn fd_kind_of_link(link: &str) -> u32 {
+    if link.starts_with("pipe:") || link.starts_with("socket:") {
+        FD_IPC
+    } else if link.starts_with('/') && (!link.starts_with("/dev/") || link.starts_with("/dev/shm/"))
+    {
+        FD_FILE
+    } else {
+        FD_OTHER
+    }
+}
+
+/// `sched_switch`'s classification (monitor-ebpf `probes/sched.rs`, `off_cpu`) from what
+/// `/proc` shows: `state` from `stat`, the text of `syscall` (`running`, `-1 sp pc` outside a
+/// syscall, or `NR arg1 ... arg6 sp pc`). An uninterruptible sleep ('D') stands for the
+/// kernel's `in_iowait`, which `/proc` does not show.
+pub fn classify_thread(state: char, syscall: &str, fd_kind: impl Fn(u64) -> u32) -> u32 {
+    if state == 'R' {
+        return STATE_ON_CPU;
+    }
+    let mut fields = syscall.split_whitespace();
+    let first = fields.next().unwrap_or_default();
+    let Ok(nr) = first.parse::<u64>() else {
+        // `running`: it woke since `stat` was read; `-1`: asleep outside a syscall.
+        return match (first, state) {
+            ("running", _) => STATE_ON_CPU,
+            (_, 'D') => STATE_STORAGE_WAIT,
+            _ => STATE_OTHER_WAIT,
+        };
+    };
+    let iowait = state == 'D';
+    if abi::is_read_family(nr) {
+        let fd = fields
+            .next()
+            .and_then(|a| u64::from_str_radix(a.trim_start_matches("0x"), 16).ok());
+        return match fd.map(&fd_kind) {
+            Some(FD_FILE) => STATE_STORAGE_WAIT,
+            Some(FD_IPC) => STATE_IPC_WAIT,
+            _ if iowait => STATE_STORAGE_WAIT,
+            _ => STATE_OTHER_WAIT,
+        };
+    }
+    if iowait {
+        STATE_STORAGE_WAIT
+    } else if abi::is_ipc_wait(nr) {
+        STATE_IPC_WAIT
+    } else {
+        STATE_OTHER_WAIT
+    }
+}
+
 fn parse_io(text: &str) -> Option<TaskIo> {
     let field = |name: &str| -> Option<u64> {
         text.lines()
@@ -270,6 +349,89 @@ pub fn disk_of_dev(dev: u64) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sleeping_thread_is_classified_as_sched_switch_would() {
+        let kind = |fd: u64| match fd {
+            3 => FD_FILE,
+            4 => FD_IPC,
+            _ => FD_OTHER,
+        };
+        let sp_pc = "0x7ffd5d1c8e10 0x7f0c1a2b3c4d";
+        let read = |fd: u32| format!("0 {fd:#x} 0x55d0c0a0 0x40000 0x0 0x0 0x0 {sp_pc}");
+        assert_eq!(classify_thread('S', &read(4), kind), STATE_IPC_WAIT);
+        assert_eq!(classify_thread('D', &read(3), kind), STATE_STORAGE_WAIT);
+        assert_eq!(classify_thread('S', &read(3), kind), STATE_STORAGE_WAIT);
+        assert_eq!(classify_thread('S', &read(9), kind), STATE_OTHER_WAIT);
+        assert_eq!(classify_thread('D', &read(9), kind), STATE_STORAGE_WAIT);
+        // futex (202), poll (7): waiting for another thread or process.
+        let futex = format!("202 0x7f00 0x80 0x0 0x0 0x0 0x0 {sp_pc}");
+        assert_eq!(classify_thread('S', &futex, kind), STATE_IPC_WAIT);
+        assert_eq!(
+            classify_thread('S', &format!("7 0x1 0x1 0x0 0x0 0x0 0x0 {sp_pc}"), kind),
+            STATE_IPC_WAIT
+        );
+        // nanosleep (35), wait4 (61): other.
+        assert_eq!(
+            classify_thread('S', &format!("35 0x0 0x0 0x0 0x0 0x0 0x0 {sp_pc}"), kind),
+            STATE_OTHER_WAIT
+        );
+        assert_eq!(
+            classify_thread('S', &format!("61 0x0 0x0 0x0 0x0 0x0 0x0 {sp_pc}"), kind),
+            STATE_OTHER_WAIT
+        );
+        // Running, woken between the two reads, a page fault, garbage.
+        assert_eq!(classify_thread('R', "running", kind), STATE_ON_CPU);
+        assert_eq!(classify_thread('S', "running", kind), STATE_ON_CPU);
+        assert_eq!(
+            classify_thread('D', &format!("-1 {sp_pc}"), kind),
+            STATE_STORAGE_WAIT
+        );
+        assert_eq!(
+            classify_thread('S', &format!("-1 {sp_pc}"), kind),
+            STATE_OTHER_WAIT
+        );
+        assert_eq!(classify_thread('S', "", kind), STATE_OTHER_WAIT);
+        assert_eq!(classify_thread('S', "0 zz", kind), STATE_OTHER_WAIT);
+    }
+
+    #[test]
+    fn fd_links_are_classified_by_their_text() {
+        assert_eq!(fd_kind_of_link("pipe:[12345]"), FD_IPC);
+        assert_eq!(fd_kind_of_link("socket:[9]"), FD_IPC);
+        assert_eq!(fd_kind_of_link("/data/shard-0001.tar"), FD_FILE);
+        assert_eq!(fd_kind_of_link("/data/gone (deleted)"), FD_FILE);
+        assert_eq!(fd_kind_of_link("/dev/shm/torch_123"), FD_FILE);
+        assert_eq!(fd_kind_of_link("/dev/pts/3"), FD_OTHER);
+        assert_eq!(fd_kind_of_link("anon_inode:[eventfd]"), FD_OTHER);
+    }
+
+    /// This test's own thread, asleep in a pipe read, as a feeder found while it sleeps.
+    #[test]
+    fn a_thread_blocked_in_a_pipe_read_is_waiting_for_ipc() {
+        let (mut r, w) = std::io::pipe().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let reader = std::thread::spawn(move || {
+            tx.send(unsafe { libc::gettid() } as u32).unwrap();
+            let mut b = [0u8; 1];
+            r.read_exact(&mut b).unwrap();
+        });
+        let tid = rx.recv().unwrap();
+        let pid = std::process::id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut seen = None;
+        while std::time::Instant::now() < deadline {
+            seen = thread_state(pid, tid);
+            if seen == Some(STATE_IPC_WAIT) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        drop(w);
+        let _ = reader.join();
+        assert_eq!(seen, Some(STATE_IPC_WAIT));
+        assert_eq!(thread_state(pid, u32::MAX), None);
+    }
 
     #[test]
     fn stat_with_odd_command_names() {
