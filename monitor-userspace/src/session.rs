@@ -268,7 +268,7 @@ impl Session {
     /// The fine tick: new processes' roles, feeder state changes, worker slices.
     pub fn fine_tick(&mut self) {
         let mut events = self.kernel.drain_events();
-        self.jobs.observe(&events, None);
+        let _ = self.jobs.observe(&events, None); // no full pass: nothing vanished
         let changes = self.jobs.reassign(&mut self.kernel, &self.holders, false);
         self.apply_changes(changes);
         if self.sampler.is_none() {
@@ -485,7 +485,9 @@ impl Session {
         if let Some(snap) = &snap {
             let procs: Vec<(u32, monitor_common::ProcInfo)> =
                 snap.procs.iter().map(|(&p, t)| (p, t.info)).collect();
-            self.jobs.observe(&[], Some(&procs));
+            for pid in self.jobs.observe(&[], Some(&procs)) {
+                self.kernel.forget_vanished(pid);
+            }
         }
         let changes = self.jobs.reassign(&mut self.kernel, &self.holders, true);
         self.apply_changes(changes);

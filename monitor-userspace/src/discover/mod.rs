@@ -273,8 +273,9 @@ impl Jobs {
     }
 
     /// Takes the kernel's events (exec, exit, a launcher's fork) and, with `procs`, its full
-    /// process list.
-    pub fn observe(&mut self, events: &[Event], procs: Option<&[(u32, ProcInfo)]>) {
+    /// process list. Returns the processes that vanished without the kernel seeing them exit
+    /// (see [`Kernel::forget_vanished`]).
+    pub fn observe(&mut self, events: &[Event], procs: Option<&[(u32, ProcInfo)]>) -> Vec<u32> {
         for e in events {
             match e.kind {
                 EVENT_EXEC => {
@@ -338,7 +339,9 @@ impl Jobs {
                 _ => {}
             }
         }
-        let Some(procs) = procs else { return };
+        let Some(procs) = procs else {
+            return Vec::new();
+        };
         for (pid, info) in procs {
             let known = self
                 .jobs
@@ -387,16 +390,20 @@ impl Jobs {
             );
             j.dirty = true;
         }
-        // Processes that vanished without the kernel telling (tracked before attach and
-        // exited unseen): check the live ones against /proc.
+        // Processes that vanished without the kernel telling (tracked by user space after
+        // they had exited, e.g. a GPU holder adopted as it ended): check the live ones
+        // against /proc.
+        let mut vanished = Vec::new();
         for j in self.jobs.values_mut() {
             for p in j.procs.iter_mut().filter(|(_, p)| !p.exited) {
                 if !procfs::alive(*p.0) {
                     p.1.exited = true;
                     j.dirty = true;
+                    vanished.push(*p.0);
                 }
             }
         }
+        vanished
     }
 
     /// Re-examines changed jobs (all with `all`): roles, feeders, slots; tells the kernel.
@@ -700,14 +707,17 @@ mod tests {
             forget_after: Duration::from_secs(1),
         });
         launcher_job(&mut jobs, 1, 4_000_000);
-        jobs.observe(&[event(EVENT_FORK, 4_000_001, 4_000_000)], None);
+        assert!(
+            jobs.observe(&[event(EVENT_FORK, 4_000_001, 4_000_000)], None)
+                .is_empty()
+        );
         assert_eq!(jobs.job_of(4_000_001), Some(1));
         let j = jobs.get(1).unwrap();
         assert!(j.dirty);
         assert_eq!(j.procs[&4_000_001].parent, 4_000_000);
         assert_eq!(j.procs[&4_000_001].value, tracked_value(1, ROLE_LAUNCHER));
         // A fork by a process of no job is not followed.
-        jobs.observe(&[event(EVENT_FORK, 4_000_003, 4_000_002)], None);
+        let _ = jobs.observe(&[event(EVENT_FORK, 4_000_003, 4_000_002)], None);
         assert_eq!(jobs.job_of(4_000_003), None);
     }
 }

@@ -295,6 +295,20 @@ impl Kernel {
         }
     }
 
+    /// Forgets a process that exited without the kernel seeing it: user space tracked it
+    /// (`track`, `start_ns` 0) after it had already exited, so no exit marks its entry, and its
+    /// `TRACKED` value would make the next process given its PID part of the job. An entry the
+    /// kernel made at fork (the PID already reused by a tracked process) is left alone.
+    pub fn forget_vanished(&mut self, pid: u32) {
+        if let Ok(p) = self.procs.get(&pid, 0)
+            && p.exited == 0
+            && p.start_ns == 0
+        {
+            let _ = self.tracked.set(pid, &0, 0);
+            let _ = self.procs.remove(&pid);
+        }
+    }
+
     /// Stops tracking a live process (its job was forgotten).
     pub fn untrack(&mut self, pid: u32) {
         let _ = self.tracked.set(pid, &0, 0);
