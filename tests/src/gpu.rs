@@ -78,6 +78,16 @@ impl StandinGpus {
         &self.dir
     }
 
+    /// Lets a zombie keep its contexts until it is reaped, as a real driver may still list an
+    /// exiting process's context for a moment. Before stallmon starts (read at init).
+    pub fn keep_zombie_contexts(&self) {
+        let path = self.dir.join("scenario.json");
+        let mut scenario: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        scenario["zombie_contexts"] = true.into();
+        std::fs::write(&path, scenario.to_string()).unwrap();
+    }
+
     /// Makes NVML calls on GPU `i` fail with `error` (e.g. `GPU_IS_LOST`).
     pub fn set_error(&self, i: u32, error: &str) {
         std::fs::write(self.dir.join(format!("gpu{i}/error")), error).unwrap();

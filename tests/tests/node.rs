@@ -227,6 +227,67 @@ fn node_match_finds_jobs_without_gpus() {
     assert!(done.status.success(), "{}", done.stderr);
 }
 
+/// A GPU holder that has exited but whose context the driver still lists (a zombie, here) is
+/// not a new job; a live holder beside it is found.
+#[test]
+fn an_exiting_gpu_holder_is_not_a_new_job() {
+    require_privileged();
+    let gpus = StandinGpus::new("zombie", 1, 100, 200);
+    gpus.keep_zombie_contexts();
+    let dir = scratch_dir("zombie");
+    // Takes a context on GPU 0 and exits; not reaped until the end of the test.
+    let code = format!(
+        "import sys; sys.path.insert(0, {:?}); from standin_gpu import StandinGpu; \
+         StandinGpu({:?}, 0).open_context()",
+        workload("standin_gpu.py").parent().unwrap(),
+        gpus.path()
+    );
+    let mut zombie = Command::new(python()).args(["-c", &code]).spawn().unwrap();
+    let zpid = zombie.id();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_to_string(format!("/proc/{zpid}/stat"))
+        .unwrap_or_default()
+        .rsplit(')')
+        .next()
+        .is_some_and(|rest| rest.trim_start().starts_with('Z'))
+    {
+        assert!(Instant::now() < deadline, "{zpid} did not become a zombie");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let tracer = node(&gpus, &[]);
+    let started = dir.join("live.started");
+    let live = Reaper(start_job(
+        &gpus,
+        0,
+        4.0,
+        &started,
+        &[("TORCHELASTIC_RUN_ID", "live-holder")],
+    ));
+    seen(
+        &tracer,
+        "stallmon_target_up",
+        &["job_name=\"live-holder\""],
+        Duration::from_secs(10),
+    );
+    // Two more NVML polls (1 s each) with the zombie listed beside the live holder.
+    let until = Instant::now() + Duration::from_millis(2500);
+    while Instant::now() < until {
+        let text = tracer.scrape().unwrap();
+        let jobs = metric_value(&text, "stallmon_jobs").unwrap_or(-1.0);
+        assert_eq!(jobs, 1.0, "the zombie {zpid} became a job:\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(live);
+    let done = tracer.stop().unwrap();
+    assert!(done.status.success(), "{}", done.stderr);
+    assert!(
+        !done.stderr.contains(&format!("pid={zpid}")),
+        "{}",
+        done.stderr
+    );
+    let _ = zombie.wait();
+}
+
 /// 200 jobs started and ended in a row: the kernel tables and stallmon's memory come back to
 /// where they were.
 #[test]

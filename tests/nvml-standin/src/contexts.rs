@@ -64,6 +64,11 @@ impl Contexts {
     }
 }
 
+/// Whether process `pid` exists, zombie or not (until its parent reaps it).
+pub fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
 /// Whether process `pid` exists and is not a zombie (from `/proc/<pid>/stat`).
 pub fn process_alive(pid: u32) -> bool {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

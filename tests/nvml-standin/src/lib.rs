@@ -42,6 +42,8 @@
 //!   (< 80 bytes) and PCI addresses must be unique; names must be < 64 bytes.
 //! * `sample_period_ms` (default 100, 1 to 86400000) and `lag_ms` (default 1000, at most
 //!   86400000): see samples.
+//! * `zombie_contexts` (default false): a process that exited keeps its contexts until its
+//!   parent reaps it, as a real driver may still list an exiting process's context for a moment.
 //! * Unknown fields are errors (to catch typos).
 //!
 //! ### `gpu<i>/busy`: utilization
@@ -83,7 +85,7 @@
 //! Appended by processes: a line `<pid>` means the process holds a compute context on GPU `i`,
 //! `-<pid>` removes it (same partial-line and garbage rules as `busy`; a shrunk or replaced file
 //! is re-read from scratch). A context also disappears, for good, once `/proc/<pid>` is gone or
-//! the process is a zombie. `nvmlDeviceGetComputeRunningProcesses_v3` (and `_v2`, and the
+//! the process is a zombie (unless `zombie_contexts`). `nvmlDeviceGetComputeRunningProcesses_v3` (and `_v2`, and the
 //! legacy unversioned one) list the remaining ones in the order they were opened, each using
 //! 1 GiB (no MIG instance ids); memory info reports `used = 1 GiB × contexts` (capped at the
 //! total), `free = total − used`, `reserved = 0`.

@@ -19,6 +19,7 @@ struct ScenarioFile {
     gpus: Vec<GpuFile>,
     sample_period_ms: Option<u64>,
     lag_ms: Option<u64>,
+    zombie_contexts: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -36,6 +37,8 @@ pub struct Scenario {
     pub gpus: Vec<GpuSpec>,
     pub sample_period_ms: u64,
     pub lag_ms: u64,
+    /// A zombie keeps its contexts until it is reaped.
+    pub zombie_contexts: bool,
 }
 
 /// One simulated GPU; its position in `gpus` is its NVML index and its minor number.
@@ -166,6 +169,7 @@ impl Scenario {
             gpus,
             sample_period_ms,
             lag_ms,
+            zombie_contexts: file.zombie_contexts.unwrap_or(false),
         })
     }
 }
@@ -179,6 +183,12 @@ mod tests {
         let s = Scenario::parse(r#"{"gpus": [{}, {"name": "X"}]}"#).unwrap();
         assert_eq!(s.sample_period_ms, 100);
         assert_eq!(s.lag_ms, 1000);
+        assert!(!s.zombie_contexts);
+        assert!(
+            Scenario::parse(r#"{"gpus": [], "zombie_contexts": true}"#)
+                .unwrap()
+                .zombie_contexts
+        );
         assert_eq!(s.gpus[0].uuid, "GPU-5afe0000-0000-4000-8000-000000000000");
         assert_eq!(s.gpus[1].uuid, "GPU-5afe0000-0000-4000-8000-000000000001");
         assert_eq!(s.gpus[0].name, "Stallmon Simulated GPU");

@@ -4,7 +4,7 @@ use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use crate::contexts::{Contexts, process_alive};
+use crate::contexts::{Contexts, process_alive, process_exists};
 use crate::errfile::parse_error_file;
 use crate::ffi::{NVML_ERROR_LIBRARY_NOT_FOUND, NVML_ERROR_UNINITIALIZED, nvmlReturn_t};
 use crate::scenario::{GpuSpec, Scenario};
@@ -118,7 +118,10 @@ impl State {
             .gpus
             .into_iter()
             .enumerate()
-            .map(|(i, spec)| Gpu::new(&dir, i, spec, Timeline::new(origin_ns, period_ns, lag_ns)))
+            .map(|(i, spec)| {
+                let timeline = Timeline::new(origin_ns, period_ns, lag_ns);
+                Gpu::new(&dir, i, spec, timeline, scenario.zombie_contexts)
+            })
             .collect();
         Ok(Self { offset_ns, gpus })
     }
@@ -140,6 +143,8 @@ pub struct Gpu {
     timeline: Timeline,
     contexts_file: Tail,
     contexts: Contexts,
+    /// Zombies keep their contexts (`zombie_contexts`).
+    zombie_contexts: bool,
     /// Garbage found by the line readers (invalid UTF-8, overlong lines).
     raw_garbage: u64,
     /// Problems already reported on stderr.
@@ -147,7 +152,13 @@ pub struct Gpu {
 }
 
 impl Gpu {
-    fn new(dir: &Path, index: usize, spec: GpuSpec, timeline: Timeline) -> Self {
+    fn new(
+        dir: &Path,
+        index: usize,
+        spec: GpuSpec,
+        timeline: Timeline,
+        zombie_contexts: bool,
+    ) -> Self {
         let dir = dir.join(format!("gpu{index}"));
         Self {
             index: index as u32,
@@ -157,6 +168,7 @@ impl Gpu {
             dir,
             timeline,
             contexts: Contexts::default(),
+            zombie_contexts,
             raw_garbage: 0,
             warned: Vec::new(),
         }
@@ -256,9 +268,13 @@ impl Gpu {
             .collect()
     }
 
-    /// Processes holding a context that still exist.
+    /// Processes holding a context that still exist (zombies too, with `zombie_contexts`).
     pub fn live_contexts(&mut self) -> Vec<u32> {
-        self.contexts.live(process_alive).to_vec()
+        if self.zombie_contexts {
+            self.contexts.live(process_exists).to_vec()
+        } else {
+            self.contexts.live(process_alive).to_vec()
+        }
     }
 
     /// Utilization (0..=1) of the newest published sample, which drives the gauges.
