@@ -88,6 +88,8 @@ pub struct Session {
     pods_asked: std::collections::HashSet<(u32, u32)>,
     announced_jobs: std::collections::BTreeSet<u32>,
     kernel_processes: u64,
+    /// Whether the block issue probe is attached (see `Kernel::sync_issue_probe`).
+    issue_probe: bool,
     /// The state each new feeder thread was in when it was chosen, for the next fine tick.
     first_states: Vec<Event>,
 }
@@ -134,6 +136,7 @@ impl Session {
             pods_asked: Default::default(),
             announced_jobs: Default::default(),
             kernel_processes: 0,
+            issue_probe: true,
             first_states: Vec::new(),
         };
         let header = Line::Header(Header {
@@ -498,6 +501,10 @@ impl Session {
         if let Some(snap) = snap {
             self.interval_line(snap);
         }
+        match self.kernel.sync_issue_probe() {
+            Ok(attached) => self.issue_probe = attached,
+            Err(e) => tracing::warn!("block issue probe: {e}"),
+        }
         if self.node.is_some() {
             let changes = self.jobs.forget_ended(&mut self.kernel, now);
             self.apply_changes(changes);
@@ -630,6 +637,7 @@ impl Session {
             slots_used: self.jobs.slots().len() as u64,
             slots_total: self.kernel.options().slots as u64,
             kernel_processes: self.kernel_processes,
+            issue_probe: self.issue_probe,
             hostname: self.settings.hostname.clone(),
         };
         if let Ok(mut v) = self.view.write() {

@@ -11,8 +11,8 @@ use std::{
 
 use serde_json::Value;
 use tests::{
-    SlowDisk, Tracer, disk_name_of, drop_caches, job, metric_sum, procs::Reaper, prom, python,
-    require_privileged, scratch_dir, workload,
+    SlowDisk, Tracer, disk_name_of, drop_caches, job, metric_sum, metric_value, procs::Reaper,
+    prom, python, require_privileged, scratch_dir, workload,
 };
 
 /// How stallmon classifies reads.
@@ -201,7 +201,14 @@ fn odirect_reads(mode: Mode, extra: &[&str]) {
     let own = wait_for_file(&report, Duration::from_secs(120));
     let (reads1, sectors1) = disk_reads(&dev);
     std::thread::sleep(Duration::from_millis(250));
-    let (treads1, tbytes1) = traced(&tracer.scrape().unwrap());
+    let text = tracer.scrape().unwrap();
+    let (treads1, tbytes1) = traced(&text);
+    // The issue probe: attached for good with `--block-issue-time probe`; otherwise detached
+    // once every device has completed requests timed by the block layer itself (vda here:
+    // writeback throttling keeps block statistics, so its requests carry RQF_STATS).
+    let attached = metric_value(&text, "stallmon_block_issue_probe_attached");
+    let want = if extra.contains(&"probe") { 1.0 } else { 0.0 };
+    assert_eq!(attached, Some(want), "{mode:?} {extra:?}");
     let done = tracer.stop().unwrap();
     assert!(done.status.success(), "{}", done.stderr);
     let summary = done.summary().unwrap();

@@ -201,10 +201,14 @@ pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
     if error != 0 {
         s.errors += 1;
     }
-    // The issue time: the block layer's own when it took one, else ours from INFLIGHT.
+    // The issue time: the block layer's own when it took one, else ours from INFLIGHT. A
+    // driver passthrough request is never stamped: it says nothing about the device.
     let timed =
         kcfg!(rqf_stats) != 0 && field::<u32>(rq, kcfg!(rq_rq_flags)) & kcfg!(rqf_stats) != 0;
-    set_device_timed(ds, timed);
+    let op = cmd_flags & kcfg!(req_op_mask);
+    if op != kcfg!(req_op_drv_in) && op != kcfg!(req_op_drv_out) {
+        set_device_timed(ds, timed);
+    }
     let issue_ns = if timed {
         field::<u64>(rq, kcfg!(rq_io_start_time_ns))
     } else {

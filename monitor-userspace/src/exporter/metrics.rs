@@ -79,6 +79,8 @@ pub struct View {
     pub slots_total: u64,
     /// Entries of the kernel's process table.
     pub kernel_processes: u64,
+    /// Whether the block issue probe is attached.
+    pub issue_probe: bool,
     pub hostname: String,
 }
 
@@ -354,6 +356,13 @@ pub fn families(v: &View) -> Vec<MetricFamily> {
     );
     kprocs.value(&[], v.kernel_processes as f64);
     push(kprocs);
+    let mut issue = Family::new(
+        "stallmon_block_issue_probe_attached",
+        "1 while the block_rq_issue probe is attached: some device's requests are not timed by the block layer itself (or --block-issue-time probe).",
+        MetricType::GAUGE,
+    );
+    issue.value(&[], if v.issue_probe { 1.0 } else { 0.0 });
+    push(issue);
     let mut njobs = Family::new(
         "stallmon_jobs",
         "Jobs followed (ended jobs stay until --forget-after).",

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use aya::{
     Btf, Ebpf, EbpfLoader,
     maps::{Array, HashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::BtfTracePoint,
+    programs::{BtfTracePoint, tp_btf::BtfTracePointLinkId},
 };
 use monitor_common::{
     BlockStats, Config, Event, MAX_DEVS, NUM_DROPS, NUM_FD_KINDS, NUM_OPS, NUM_ROLES,
@@ -133,10 +133,16 @@ pub struct LoadOptions {
     pub probe_issue_time: bool,
 }
 
+/// The program that times issues where the block layer does not (see
+/// [`Kernel::sync_issue_probe`]).
+const ISSUE_PROGRAM: &str = "block_rq_issue";
+
 /// The loaded, attached programs and every map handle. Dropping it detaches everything.
 pub struct Kernel {
     // Keeps the programs and their links alive.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
+    /// The issue probe's link while it is attached.
+    issue_link: Option<BtfTracePointLinkId>,
     tracked: Array<MapData, u32>,
     slot_conf: Array<MapData, SlotConf>,
     procs: HashMap<MapData, u32, ProcInfo>,
@@ -145,6 +151,7 @@ pub struct Kernel {
     stalls: Array<MapData, StallStats>,
     reads: PerCpuArray<MapData, ReadStats>,
     block_devs: Array<MapData, u32>,
+    dev_timed: Array<MapData, u32>,
     block_stats: PerCpuArray<MapData, BlockStats>,
     drops: PerCpuArray<MapData, u64>,
     events: RingBuf<MapData>,
@@ -214,6 +221,7 @@ impl Kernel {
             .load(OBJECT)
             .map_err(load_error)?;
 
+        let mut issue_link = None;
         for p in PROGRAMS
             .iter()
             .filter(|p| options.syscalls || !p.syscalls_only)
@@ -226,13 +234,16 @@ impl Kernel {
                 let k = load_error(e);
                 KernelError::Load(format!("loading tp_btf/{} (verifier): {k}", p.tracepoint))
             })?;
-            prog.attach().map_err(|e| {
+            let link = prog.attach().map_err(|e| {
                 KernelError::Load(format!(
                     "attaching tp_btf/{}: {}",
                     p.tracepoint,
                     error_chain(&e)
                 ))
             })?;
+            if p.name == ISSUE_PROGRAM {
+                issue_link = Some(link);
+            }
         }
 
         Ok(Self {
@@ -244,16 +255,55 @@ impl Kernel {
             stalls: take(&mut ebpf, "STALLS")?,
             reads: take(&mut ebpf, "READS")?,
             block_devs: take(&mut ebpf, "BLOCK_DEVS")?,
+            dev_timed: take(&mut ebpf, "DEV_TIMED")?,
             block_stats: take(&mut ebpf, "BLOCK_STATS")?,
             drops: take(&mut ebpf, "DROPS")?,
             events: take(&mut ebpf, "EVENTS")?,
-            _ebpf: ebpf,
+            ebpf,
+            issue_link,
             options: LoadOptions { slots, ..options },
         })
     }
 
     pub fn options(&self) -> LoadOptions {
         self.options
+    }
+
+    /// Attaches the issue probe while some block device needs it, and detaches it otherwise.
+    /// Where the block layer times requests itself (`RQF_STATS`, learnt per device at each
+    /// completion) the probe has nothing to do but still costs ~100 ns per I/O of the machine
+    /// (docs/performance.md). It stays attached before any device is seen, while one has not
+    /// completed a request yet, and while one completes requests without the kernel's
+    /// timestamp; a device that first appears while it is detached has its requests up to the
+    /// next call counted without latency. Returns whether the probe is attached.
+    pub fn sync_issue_probe(&mut self) -> Result<bool, KernelError> {
+        if self.options.probe_issue_time {
+            return Ok(true);
+        }
+        let mut seen = false;
+        let mut untimed = false;
+        for slot in 0..MAX_DEVS {
+            if self.block_devs.get(&slot, 0).is_ok_and(|d| d != 0) {
+                seen = true;
+                untimed |= self.dev_timed.get(&slot, 0).is_ok_and(|t| t == 0);
+            }
+        }
+        let needed = !seen || untimed;
+        if needed == self.issue_link.is_some() {
+            return Ok(needed);
+        }
+        let prog: &mut BtfTracePoint = self
+            .ebpf
+            .program_mut(ISSUE_PROGRAM)
+            .ok_or_else(|| KernelError::Load(format!("program {ISSUE_PROGRAM} missing")))?
+            .try_into()
+            .map_err(load_error)?;
+        match self.issue_link.take() {
+            Some(link) => prog.detach(link).map_err(load_error)?,
+            None => self.issue_link = Some(prog.attach().map_err(load_error)?),
+        }
+        tracing::debug!(attached = needed, "block issue probe");
+        Ok(needed)
     }
 
     /// Starts tracking process `pid` under `value` (`tracked_value(slot, role)`). An entry left
