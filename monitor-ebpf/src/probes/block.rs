@@ -201,12 +201,13 @@ pub fn block_rq_complete(ctx: BtfTracePointContext) -> i32 {
     if error != 0 {
         s.errors += 1;
     }
-    // The issue time: the block layer's own when it took one, else ours from INFLIGHT. A
-    // driver passthrough request is never stamped: it says nothing about the device.
+    // The issue time: the block layer's own when it took one, else ours from INFLIGHT. Only a
+    // data request says whether the device is stamped: a driver passthrough request never is,
+    // and an empty flush may be completed without ever being started.
     let timed =
         kcfg!(rqf_stats) != 0 && field::<u32>(rq, kcfg!(rq_rq_flags)) & kcfg!(rqf_stats) != 0;
     let op = cmd_flags & kcfg!(req_op_mask);
-    if op != kcfg!(req_op_drv_in) && op != kcfg!(req_op_drv_out) {
+    if data_len != 0 && op != kcfg!(req_op_drv_in) && op != kcfg!(req_op_drv_out) {
         set_device_timed(ds, timed);
     }
     let issue_ns = if timed {
