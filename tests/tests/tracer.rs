@@ -338,6 +338,43 @@ fn odirect_reads_agree_with_kernel_stat_and_workload_timing_syscalls() {
     odirect_reads(Mode::Syscalls, &[]);
 }
 
+/// The issue probe stays detached on a device the kernel stamps, through fsync traffic: an
+/// empty flush, completed without ever being started, carries no stamp and once made the probe
+/// flap (attached again at every other interval).
+#[test]
+fn the_issue_probe_stays_detached_through_fsyncs() {
+    require_privileged();
+    let dir = scratch_dir("issue-probe");
+    let file = dir.join("fsync.bin");
+    let job = Reaper(Command::new("sleep").arg("30").spawn().unwrap());
+    let pid = job.pid().to_string();
+    let tracer = Tracer::start(&["--no-gpu", "--interval", "200ms", "--pid", &pid]).unwrap();
+    let write_and_sync = || {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&file).unwrap();
+        f.write_all(&[7u8; 256 << 10]).unwrap();
+        f.sync_all().unwrap();
+    };
+    // Data requests first: the device is then known to be stamped.
+    write_and_sync();
+    std::thread::sleep(Duration::from_millis(1000));
+    let mut seen = String::new();
+    for _ in 0..25 {
+        write_and_sync();
+        std::thread::sleep(Duration::from_millis(100));
+        let text = tracer.scrape().unwrap();
+        let v = metric_value(&text, "stallmon_block_issue_probe_attached").unwrap();
+        seen.push(if v == 0.0 { '0' } else { '1' });
+    }
+    let done = tracer.stop().unwrap();
+    assert!(done.status.success(), "{}", done.stderr);
+    println!("issue probe attached, every 100 ms under fsyncs: {seen}");
+    assert!(
+        !seen.contains('1'),
+        "the issue probe was attached again: {seen}"
+    );
+}
+
 fn live_descendants(root: u32) -> HashSet<u32> {
     tests::procs::descendants(root)
         .into_iter()
