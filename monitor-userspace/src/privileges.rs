@@ -29,9 +29,12 @@
 //! Capabilities belong to threads, not processes: [`drop_capabilities_after_attach`]
 //! must run while the process has a single thread, before the async runtime,
 //! NVML or anything else starts threads (threads inherit the capabilities of
-//! the thread that creates them). It refuses to run otherwise. Attaching new
+//! the thread that creates them). It refuses to run otherwise. Loading new
 //! programs after the drop (for example uprobes on a newly exec'd binary) is
-//! no longer possible.
+//! no longer possible. The block issue probe, loaded before the drop, is
+//! detached and attached again at run time; if the kernel refuses the
+//! re-attach, stallmon says so once and block latency is missing for devices
+//! the kernel does not time itself.
 
 use std::collections::BTreeSet;
 use std::fmt;

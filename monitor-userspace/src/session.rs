@@ -88,8 +88,10 @@ pub struct Session {
     pods_asked: std::collections::HashSet<(u32, u32)>,
     announced_jobs: std::collections::BTreeSet<u32>,
     kernel_processes: u64,
-    /// Whether the block issue probe is attached (see `Kernel::sync_issue_probe`).
+    /// Whether the block issue probe is attached (see `Kernel::sync_issue_probe`), and whether
+    /// changing that failed once (said once).
     issue_probe: bool,
+    issue_probe_failed: bool,
     /// The state each new feeder thread was in when it was chosen, for the next fine tick.
     first_states: Vec<Event>,
 }
@@ -137,6 +139,7 @@ impl Session {
             announced_jobs: Default::default(),
             kernel_processes: 0,
             issue_probe: true,
+            issue_probe_failed: false,
             first_states: Vec::new(),
         };
         let header = Line::Header(Header {
@@ -503,7 +506,13 @@ impl Session {
         }
         match self.kernel.sync_issue_probe() {
             Ok(attached) => self.issue_probe = attached,
-            Err(e) => tracing::warn!("block issue probe: {e}"),
+            Err(e) if !self.issue_probe_failed => {
+                self.issue_probe_failed = true;
+                tracing::warn!(
+                    "block issue probe: {e}; block latency is missing for requests the kernel does not time itself"
+                );
+            }
+            Err(_) => {}
         }
         if self.node.is_some() {
             let changes = self.jobs.forget_ended(&mut self.kernel, now);

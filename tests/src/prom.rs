@@ -54,6 +54,7 @@ pub const STALLMON_METRICS: &[&str] = &[
     "stallmon_record_errors_total",
     "stallmon_rank_slots",
     "stallmon_kernel_processes",
+    "stallmon_block_issue_probe_attached",
     "stallmon_jobs",
     // GPU
     "stallmon_gpu_info",
